@@ -1,0 +1,1 @@
+"""Squeeze: a self-hosted model-compression server for teams."""

@@ -1,0 +1,87 @@
+"""All settings, read once from the environment (prefix SQUEEZE_). Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SQUEEZE_", extra="ignore")
+
+    data_dir: Path = Path("./.squeeze")
+    # Empty means "derive from data_dir" (the embedded default: SQLite + filesystem broker + local blobs).
+    database_url: str = ""
+    broker_url: str = ""
+    blob_url: str = ""
+    bootstrap_admin_key: str | None = None
+    bootstrap_admin_team: str = "admin"
+
+    max_upload_bytes: int = Field(4 * GiB, gt=0)
+    # Zip uploads: refuse archives that would inflate past this (zip bombs) or hold too many entries.
+    max_unpacked_bytes: int = Field(16 * GiB, gt=0)
+    max_zip_entries: int = Field(10_000, gt=0)
+
+    job_timeout_s: float = Field(3600.0, gt=0)
+    sandbox_memory_bytes: int = Field(8 * GiB, gt=0)
+    sandbox_file_bytes: int = Field(16 * GiB, gt=0)
+    sandbox_max_processes: int = Field(4096, gt=0)
+    # Dropped to when the worker runs as root; the sandbox never runs user code as root.
+    sandbox_user: str = "nobody"
+    sandbox_threads: int = Field(0, ge=0)  # 0: all cores of the worker
+
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    # A running job whose heartbeat is older than this is presumed lost and requeued.
+    heartbeat_timeout_s: float = Field(30.0, gt=0)
+    # A queued job nobody claimed for this long is sent to the broker again.
+    requeue_after_s: float = Field(60.0, gt=0)
+    reaper_interval_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+    queue_default: str = "cpu"
+    worker_concurrency: int = Field(2, ge=1)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'squeeze.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.blob_url:
+            self.blob_url = f"file://{self.data_dir / 'blobs'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def threads(self) -> int:
+        return self.sandbox_threads or (os.cpu_count() or 1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
