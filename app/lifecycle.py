@@ -1,0 +1,194 @@
+"""The job state machine, shared by the API and the worker. The job row is the truth (DESIGN.md §6).
+
+Every transition is one conditional UPDATE, so concurrent workers, redelivered messages and the
+reapers of several processes can race without a job running twice or being lost: `claim` only
+takes a queued row, and only the holder of the current `lease` may record progress or a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db import new_id, utcnow
+from app.models import Artifact, Dataset, Job, JobEvent, Model
+
+log = logging.getLogger("squeeze.lifecycle")
+ACTIVE = ("running", "canceling")
+
+
+def add_event(db: Session, job_id: str, type_: str, message: str | None = None,
+              data: dict[str, Any] | None = None) -> None:
+    db.add(JobEvent(job_id=job_id, type=type_, message=message, data=data or {}))
+
+
+@dataclass
+class Claim:
+    """What a worker needs to run a job, read at claim time."""
+
+    job_id: str
+    lease: str
+    attempt: int
+    recipe: dict[str, Any]
+    outputs: list[str]
+    model_format: str
+    model_sha256: str
+    datasets: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> {sha256, format}
+
+
+def claim(db: Session, job_id: str, worker: str) -> Claim | None:
+    """Atomically takes a queued job; None when it is not queued (a duplicate delivery, a cancel)."""
+    lease = secrets.token_hex(8)
+    now = utcnow()
+    taken = db.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", lease=lease, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
+                started_at=now, stage="starting", progress=0.0, error_code=None, error_message=None)
+    ).rowcount
+    if not taken:
+        db.rollback()
+        return None
+    job = db.get(Job, job_id)
+    db.refresh(job)
+    model = db.get(Model, job.model_id)
+    datasets = {}
+    for role, ident in (job.datasets or {}).items():
+        ds = db.get(Dataset, ident)
+        datasets[role] = {"sha256": ds.sha256, "format": ds.format}
+    add_event(db, job_id, "started", f"attempt {job.attempts} on {worker}", {"attempt": job.attempts,
+                                                                              "worker": worker})
+    db.commit()
+    return Claim(job_id=job_id, lease=lease, attempt=job.attempts, recipe=job.recipe, outputs=job.outputs,
+                 model_format=model.format, model_sha256=model.sha256, datasets=datasets)
+
+
+def heartbeat(db: Session, job_id: str, lease: str, *, progress: float | None = None, stage: str | None = None,
+              events: list[tuple[str, str | None, dict[str, Any]]] = ()) -> str | None:
+    """Records liveness (and progress, events); returns the job's status, or None if the lease is lost."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, progress))
+    if stage is not None:
+        values["stage"] = stage[:100]
+    held = db.execute(update(Job).where(Job.id == job_id, Job.lease == lease, Job.status.in_(ACTIVE))
+                      .values(**values)).rowcount
+    if not held:
+        db.rollback()
+        return None
+    for type_, message, data in events:
+        add_event(db, job_id, type_, message, data)
+    status = db.scalar(select(Job.status).where(Job.id == job_id))
+    db.commit()
+    return status
+
+
+@dataclass
+class Outcome:
+    status: str  # succeeded | failed | canceled
+    error_code: str | None = None
+    error_message: str | None = None
+    metrics: dict[str, Any] | None = None
+    engine_seconds: float | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, format, size_bytes, sha256
+
+
+def finish(db: Session, job_id: str, lease: str, outcome: Outcome) -> str | None:
+    """Records the result if this worker still holds the lease; a cancel requested meanwhile wins."""
+    now = utcnow()
+    values = dict(finished_at=now, lease=None, metrics=outcome.metrics, engine_seconds=outcome.engine_seconds,
+                  error_code=outcome.error_code, error_message=outcome.error_message)
+    final = outcome.status
+    done = db.execute(update(Job).where(Job.id == job_id, Job.lease == lease, Job.status == "running")
+                      .values(status=final, progress=1.0 if final == "succeeded" else Job.progress,
+                              stage=final, **values)).rowcount
+    if not done:
+        final = "canceled"
+        done = db.execute(update(Job).where(Job.id == job_id, Job.lease == lease, Job.status == "canceling")
+                          .values(status=final, stage=final, **{**values, "error_code": None,
+                                                                "error_message": None})).rowcount
+    if not done:
+        db.rollback()
+        log.warning("job %s: lease %s lost before finishing; result dropped", job_id, lease)
+        return None
+    if final == "succeeded":
+        for a in outcome.artifacts:
+            db.add(Artifact(id=new_id("art"), job_id=job_id, **a))
+    message = outcome.error_message if final == "failed" else None
+    add_event(db, job_id, final, message, {"error_code": outcome.error_code} if final == "failed" else {})
+    db.commit()
+    return final
+
+
+def reap(db: Session, *, heartbeat_timeout_s: float, requeue_after_s: float, max_attempts: int,
+         send: Callable[[str, str], None]) -> dict[str, int]:
+    """Requeues jobs whose worker stopped heartbeating and re-sends queued jobs nobody claimed."""
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "canceled": 0, "resent": 0}
+    stale = list(db.scalars(select(Job).where(Job.status.in_(ACTIVE),
+                                              Job.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s))))
+    to_send: list[tuple[str, str]] = []
+    for job in stale:
+        base = update(Job).where(Job.id == job.id, Job.lease == job.lease, Job.status == job.status)
+        if job.status == "canceling":
+            if db.execute(base.values(status="canceled", stage="canceled", lease=None, finished_at=now)).rowcount:
+                add_event(db, job.id, "canceled", "canceled (its worker was lost)")
+                counts["canceled"] += 1
+        elif job.attempts >= max_attempts:
+            msg = f"worker lost {job.attempts} times (last: {job.worker}); giving up"
+            if db.execute(base.values(status="failed", stage="failed", lease=None, finished_at=now,
+                                      error_code="worker_lost", error_message=msg)).rowcount:
+                add_event(db, job.id, "failed", msg, {"error_code": "worker_lost"})
+                counts["failed"] += 1
+        elif db.execute(base.values(status="queued", stage="requeued", lease=None, enqueued_at=now)).rowcount:
+            add_event(db, job.id, "requeued", f"worker {job.worker} stopped heartbeating; requeued",
+                      {"attempt": job.attempts})
+            counts["requeued"] += 1
+            to_send.append((job.id, job.queue))
+    unclaimed = list(db.execute(select(Job.id, Job.queue, Job.enqueued_at).where(
+        Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=requeue_after_s))))
+    for job_id, queue_name, enqueued_at in unclaimed:
+        if db.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == enqueued_at)
+                      .values(enqueued_at=now)).rowcount:
+            counts["resent"] += 1
+            to_send.append((job_id, queue_name))
+    db.commit()
+    for job_id, queue_name in to_send:  # after commit: a fast worker must find the row queued
+        try:
+            send(job_id, queue_name)
+        except Exception as exc:
+            log.warning("re-send of %s failed (next sweep retries): %s", job_id, exc)
+    if any(counts.values()):
+        log.info("reaper: %s", counts)
+    return counts
+
+
+def start_reaper() -> threading.Event:
+    """Runs `reap` every few seconds in a daemon thread (API and workers each run one: the UPDATEs are
+    atomic, and a job is requeued even when no worker is alive). Returns the event that stops it."""
+    from app import queue
+    from app.config import get_settings
+    from app.db import session_scope
+
+    settings = get_settings()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reaper_interval_s):
+            try:
+                with session_scope() as db:
+                    reap(db, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                         requeue_after_s=settings.requeue_after_s, max_attempts=settings.max_attempts,
+                         send=queue.enqueue)
+            except Exception as exc:  # a DB or broker outage: the next sweep tries again
+                log.warning("reaper sweep failed: %s", exc)
+
+    threading.Thread(target=loop, name="reaper", daemon=True).start()
+    return stop

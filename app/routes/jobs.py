@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, authenticate
+from app.config import get_settings
+from app.db import get_db, get_sessionmaker
+from app.models import TERMINAL_STATUSES, Job
+from app.routes.files import download_response
+from app.schemas import EventList, EventOut, JobCreate, JobOut, JobPage, error_responses, job_out
+from app.services import files, jobs
+from app.storage import make_store
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceling", "canceled"]
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422))
+def create(body: JobCreate, response: Response, db: Session = Depends(get_db),
+           principal: Principal = Depends(authenticate),
+           idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
+    job, created = jobs.create_job(db, get_settings(), principal, body, idempotency_key)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+@router.get("", response_model=JobPage, responses=error_responses(422))
+def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
+          status: JobStatus | None = None, model_id: str | None = Query(None, max_length=40),
+          db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobPage:
+    rows, more = jobs.list_jobs(db, principal, limit, after, status, model_id)
+    return JobPage(data=[job_out(j) for j in rows], has_more=more, next=rows[-1].id if more else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
+def show(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobOut:
+    return job_out(jobs.get_job(db, principal, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
+def cancel(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobOut:
+    return job_out(jobs.cancel_job(db, principal, job_id))
+
+
+def _event_out(e) -> EventOut:
+    return EventOut(id=e.id, type=e.type, message=e.message, data=e.data or {}, created_at=e.created_at)
+
+
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)})
+async def events(job_id: str, request: Request, after: int = Query(0, ge=0), stream: bool = False,
+                 last_event_id: str | None = Header(None, max_length=20),
+                 db: Session = Depends(get_db), principal: Principal = Depends(authenticate)):
+    if last_event_id and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+    first = await run_in_threadpool(jobs.list_events, db, principal, job_id, after)
+    if not stream:
+        return EventList(data=[_event_out(e) for e in first])
+
+    async def sse():
+        cursor, batch = after, first
+        while True:
+            for e in batch:
+                cursor = e.id
+                yield f"id: {e.id}\nevent: {e.type}\ndata: {_event_out(e).model_dump_json()}\n\n"
+            status = await run_in_threadpool(_status, job_id)
+            if status in TERMINAL_STATUSES and not batch:
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.5)
+            batch = await run_in_threadpool(_events_since, principal, job_id, cursor)
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _status(job_id: str) -> str | None:
+    with get_sessionmaker()() as db:
+        job = db.get(Job, job_id)
+        return job.status if job else None
+
+
+def _events_since(principal: Principal, job_id: str, cursor: int):
+    with get_sessionmaker()() as db:
+        return jobs.list_events(db, principal, job_id, cursor)
+
+
+@router.get("/{job_id}/artifacts/{name}", responses={200: {"content": {"application/octet-stream": {}}},
+                                                    **error_responses(404)})
+def artifact(job_id: str, name: str, request: Request, db: Session = Depends(get_db),
+             principal: Principal = Depends(authenticate)) -> Response:
+    art = jobs.get_artifact(db, principal, job_id, name)
+    return download_response(request, files.blob_path(make_store(), art.sha256), art.sha256, art.name)

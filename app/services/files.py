@@ -1,0 +1,99 @@
+"""Uploaded models and datasets: screen, store (blob first), then insert the row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import screening
+from app.auth import Principal
+from app.config import Settings
+from app.db import new_id, utcnow
+from app.errors import APIError, not_found
+from app.models import TERMINAL_STATUSES, Dataset, Job, Model
+from app.storage import BlobStore
+from app.uploads import Received
+
+FileRow = type[Model] | type[Dataset]
+KIND_BY_ROW = {Model: "model", Dataset: "dataset"}
+ID_PREFIX = {Model: "mdl", Dataset: "ds"}
+MAX_NAME = 255
+
+
+def _clean_name(name: str | None, fallback: str) -> str:
+    name = (name or "").strip() or fallback
+    # Names are labels, never paths: keep the last path component and printable characters only.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    if not name:
+        name = fallback
+    if len(name) > MAX_NAME:
+        raise APIError(422, "invalid_name", f"name longer than {MAX_NAME} characters", {"field": "name"})
+    return name
+
+
+async def store_upload(db: Session, store: BlobStore, settings: Settings, principal: Principal, row_type: FileRow,
+                       received: Received, name: str | None) -> Model | Dataset:
+    sniff = screening.sniff_model if row_type is Model else screening.sniff_dataset
+    try:
+        sniffed = await run_in_threadpool(sniff, received.path, max_unpacked_bytes=settings.max_unpacked_bytes,
+                                          max_entries=settings.max_zip_entries)
+    except screening.ScreeningError as exc:
+        received.path.unlink(missing_ok=True)
+        raise APIError(exc.status, exc.code, exc.message, exc.details) from None
+    except BaseException:
+        received.path.unlink(missing_ok=True)
+        raise
+    try:
+        await run_in_threadpool(store.put_file, received.path, received.sha256)
+    finally:
+        received.path.unlink(missing_ok=True)
+    row = row_type(id=new_id(ID_PREFIX[row_type]), team_id=principal.team_id,
+                   name=_clean_name(name or received.filename, f"{KIND_BY_ROW[row_type]}.{sniffed.kind}"),
+                   format=sniffed.kind, sha256=received.sha256, size_bytes=received.size, details=sniffed.details)
+    db.add(row)
+    await run_in_threadpool(db.commit)
+    return row
+
+
+def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) -> Model | Dataset:
+    row = db.get(row_type, ident)
+    if row is None or row.team_id != principal.team_id or row.deleted_at is not None:
+        raise not_found(KIND_BY_ROW[row_type], ident)
+    return row
+
+
+def list_owned(db: Session, principal: Principal, row_type: FileRow, limit: int, after: str | None
+               ) -> tuple[list[Model | Dataset], bool]:
+    q = select(row_type).where(row_type.team_id == principal.team_id, row_type.deleted_at.is_(None))
+    if after:
+        q = q.where(row_type.id < after)
+    rows = list(db.scalars(q.order_by(row_type.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_owned(db: Session, store: BlobStore, principal: Principal, row_type: FileRow, ident: str) -> None:
+    """Hides the row; frees the blob when no live row and no job still needs it."""
+    row = get_owned(db, principal, row_type, ident)
+    row.deleted_at = utcnow()
+    db.commit()
+    shared = any(db.scalar(select(t.id).where(t.sha256 == row.sha256, t.deleted_at.is_(None)).limit(1))
+                 for t in (Model, Dataset))
+    if row_type is Model:
+        needed = db.scalar(select(Job.id).where(Job.model_id == row.id).limit(1)) is not None
+    else:
+        active = db.scalars(select(Job.datasets).where(Job.team_id == principal.team_id,
+                                                       Job.status.not_in(TERMINAL_STATUSES)))
+        needed = any(row.id in (ds or {}).values() for ds in active)
+    if not shared and not needed:
+        store.delete(row.sha256)
+
+
+def blob_path(store: BlobStore, sha256: str) -> Path:
+    try:
+        return store.path(sha256)
+    except FileNotFoundError:
+        raise APIError(404, "blob_missing", "the stored file is missing") from None

@@ -1,0 +1,148 @@
+"""Job submission, listing, cancel and events: the API side of a job's life."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.auth import Principal
+from app.config import Settings
+from app.db import new_id, utcnow
+from app.errors import APIError, not_found
+from app.lifecycle import add_event
+from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
+from app.recipes import RecipeError, check_against_format, parse_recipe
+from app.schemas import JobCreate
+
+log = logging.getLogger("squeeze.jobs")
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _recipe_error(exc: RecipeError) -> APIError:
+    errors = [{"field": f"recipe.{e['field']}" if e["field"] != "recipe" else "recipe", "message": e["message"]}
+              for e in exc.errors]
+    return APIError(422, "invalid_recipe", "; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                    {"errors": errors})
+
+
+def validate_recipe(value: Any, model_format: str | None) -> tuple[dict[str, Any], list[str] | None]:
+    """A recipe (object or preset) -> its normalised JSON and outputs, or a 422 naming each bad field."""
+    try:
+        recipe = parse_recipe(value)
+        outputs = check_against_format(recipe, model_format) if model_format else recipe.outputs
+    except RecipeError as exc:
+        raise _recipe_error(exc) from None
+    return recipe.model_dump(mode="json"), outputs
+
+
+def create_job(db: Session, settings: Settings, principal: Principal, body: JobCreate,
+               idempotency_key: str | None) -> tuple[Job, bool]:
+    """Validates and inserts a queued job, then enqueues it. Returns (job, created)."""
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        existing = _by_idempotency_key(db, principal, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), False
+    model = db.get(Model, body.model_id)
+    if model is None or model.team_id != principal.team_id or model.deleted_at is not None:
+        raise not_found("model", body.model_id)
+    datasets = {role: ident for role, ident in body.datasets.model_dump().items() if ident}
+    for role, ident in datasets.items():
+        ds = db.get(Dataset, ident)
+        if ds is None or ds.team_id != principal.team_id or ds.deleted_at is not None:
+            raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
+                           {"field": f"datasets.{role}", "id": ident})
+    recipe, outputs = validate_recipe(body.recipe, model.format)
+    job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
+              outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=settings.queue_default,
+              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash)
+    db.add(job)
+    try:
+        db.flush()
+        add_event(db, job.id, "queued", "job accepted", {"recipe_preset": body.recipe
+                                                         if isinstance(body.recipe, str) else None})
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        existing = _by_idempotency_key(db, principal, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    try:
+        queue.enqueue(job.id, job.queue)
+    except Exception as exc:  # the row is the truth: the reaper re-sends queued jobs nobody claimed
+        log.warning("enqueue of %s failed, the reaper will re-send it: %s", job.id, exc)
+    return job, True
+
+
+def _by_idempotency_key(db: Session, principal: Principal, key: str) -> Job | None:
+    return db.scalar(select(Job).where(Job.team_id == principal.team_id, Job.idempotency_key == key))
+
+
+def _replay(job: Job, request_hash: str) -> Job:
+    if job.request_hash != request_hash:
+        raise APIError(409, "idempotency_conflict",
+                       "this Idempotency-Key was used with a different request body", {"job_id": job.id})
+    return job
+
+
+def get_job(db: Session, principal: Principal, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None or job.team_id != principal.team_id:
+        raise not_found("job", job_id)
+    return job
+
+
+def list_jobs(db: Session, principal: Principal, limit: int, after: str | None, status: str | None,
+              model_id: str | None) -> tuple[list[Job], bool]:
+    q = select(Job).where(Job.team_id == principal.team_id)
+    if after:
+        q = q.where(Job.id < after)
+    if status:
+        q = q.where(Job.status == status)
+    if model_id:
+        q = q.where(Job.model_id == model_id)
+    rows = list(db.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(db: Session, principal: Principal, job_id: str) -> Job:
+    """Queued: canceled at once. Running: marked canceling; the supervisor kills the sandbox."""
+    job = get_job(db, principal, job_id)
+    now = utcnow()
+    done = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                      .values(status="canceled", finished_at=now, stage="canceled")).rowcount
+    if not done:
+        done = db.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                          .values(status="canceling")).rowcount
+    if done:
+        add_event(db, job.id, "cancel_requested", "cancel requested")
+        db.commit()
+    db.refresh(job)
+    if job.status in TERMINAL_STATUSES and not done and job.status != "canceled":
+        raise APIError(409, "not_cancelable", f"job is already {job.status}", {"status": job.status})
+    return job
+
+
+def list_events(db: Session, principal: Principal, job_id: str, after: int = 0) -> list[JobEvent]:
+    get_job(db, principal, job_id)
+    return list(db.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                           .order_by(JobEvent.id)))
+
+
+def get_artifact(db: Session, principal: Principal, job_id: str, name: str) -> Artifact:
+    job = get_job(db, principal, job_id)
+    art = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if art is None:
+        raise not_found("artifact", name)
+    return art

@@ -1,0 +1,112 @@
+"""Streams a request body (raw or multipart field `file`) to a temp file while hashing it.
+
+Memory stays flat whatever the size (FACTS.md: request.stream() beats UploadFile's spooling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.errors import APIError
+
+
+@dataclass
+class Received:
+    path: Path
+    sha256: str
+    size: int
+    filename: str | None
+
+
+class _Sink:
+    def __init__(self, tmp_dir: Path, limit: int):
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+        self.file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.limit = limit
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise APIError(413, "too_large", f"upload exceeds the limit of {self.limit} bytes",
+                           {"limit_bytes": self.limit})
+        self.hash.update(data)
+        self.file.write(data)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+async def receive(request: Request, tmp_dir: Path, limit: int) -> Received:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise APIError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {limit} bytes",
+                       {"limit_bytes": limit})
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    sink = _Sink(tmp_dir, limit)
+    filename: str | None = None
+    try:
+        if content_type == b"multipart/form-data":
+            boundary = params.get(b"boundary")
+            if not boundary:
+                raise APIError(400, "bad_request", "multipart body without a boundary")
+            state = {"headers": {}, "field": None, "header_name": b"", "found": False}
+
+            def on_part_begin() -> None:
+                state["headers"], state["field"] = {}, None
+
+            def on_header_field(data: bytes, start: int, end: int) -> None:
+                state["header_name"] += data[start:end]
+
+            def on_header_value(data: bytes, start: int, end: int) -> None:
+                name = state["header_name"].lower()
+                state["headers"][name] = state["headers"].get(name, b"") + data[start:end]
+
+            def on_header_end() -> None:
+                state["header_name"] = b""
+
+            def on_headers_finished() -> None:
+                _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+                state["field"] = disp.get(b"name")
+                if state["field"] == b"file":
+                    nonlocal filename
+                    state["found"] = True
+                    raw = disp.get(b"filename")
+                    filename = raw.decode("utf-8", "replace") if raw else None
+
+            def on_part_data(data: bytes, start: int, end: int) -> None:
+                if state["field"] == b"file":
+                    sink.write(data[start:end])
+
+            parser = MultipartParser(boundary, {
+                "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                "on_header_value": on_header_value, "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+            })
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+            if not state["found"]:
+                raise APIError(400, "bad_request", "multipart body has no field named 'file'")
+        else:
+            async for chunk in request.stream():
+                sink.write(chunk)
+        if sink.size == 0:
+            raise APIError(400, "empty_body", "the upload is empty")
+        sink.file.close()
+        return Received(sink.path, sink.hash.hexdigest(), sink.size, filename)
+    except BaseException:
+        # A half-received upload leaves nothing behind (DESIGN.md §6).
+        sink.discard()
+        raise

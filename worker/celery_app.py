@@ -1,0 +1,36 @@
+"""Celery configuration of the worker: late acks, one message at a time, the job row as the truth."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
+
+from app.config import get_settings
+from app.lifecycle import start_reaper
+from app.queue import celery_config
+
+celery = Celery("squeeze", include=["worker.tasks"])
+celery.conf.update(
+    celery_config(get_settings()),
+    # A message is acknowledged after the task ran; a lost worker's message may come back, and the
+    # atomic claim makes that redelivery a no-op if another worker already took the job.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
+app = celery  # `celery -A worker.celery_app` finds either name
+
+_reaper_stop = None
+
+
+@worker_ready.connect
+def _start_reaper(**_):
+    global _reaper_stop
+    _reaper_stop = start_reaper()
+
+
+@worker_shutting_down.connect
+def _stop_reaper(**_):
+    if _reaper_stop is not None:
+        _reaper_stop.set()

@@ -1,0 +1,232 @@
+"""Runs one claimed job in the sandbox: stage inputs, spawn, relay progress, heartbeat, cancel, timeout,
+then store the artifacts (blob first; rows come with `lifecycle.finish`).
+
+Nothing here loads a model: the sandbox child does, isolated (worker/isolation.py). Everything the
+child sends back (protocol lines, artifact files) is untrusted and checked before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue as queue_mod
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings, get_settings
+from app.db import session_scope
+from app.lifecycle import Claim, Outcome, heartbeat
+from app.storage import BlobStore, make_store
+from worker import isolation
+
+log = logging.getLogger("squeeze.supervisor")
+
+MODEL_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "package": ".zip"}
+ARTIFACT_FORMATS = {"pt2", "onnx", "package", "safetensors", "json", "png"}
+ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+MAX_LINE = 16 * 1024 * 1024
+STDERR_TAIL = 4000
+
+
+class _Relay(threading.Thread):
+    """Reads the child's protocol lines into a queue; a malformed line is reported, not trusted."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True, name="sandbox-relay")
+        self.stream, self.lines = stream, queue_mod.Queue()
+
+    def run(self) -> None:
+        for raw in iter(lambda: self.stream.readline(MAX_LINE), b""):
+            try:
+                msg = json.loads(raw)
+                if not isinstance(msg, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                msg = {"type": "invalid", "raw": raw[:200].decode("utf-8", "replace")}
+            self.lines.put(msg)
+        self.lines.put(None)
+
+
+def _limits(settings: Settings) -> isolation.SandboxLimits:
+    return isolation.SandboxLimits(
+        memory_bytes=settings.sandbox_memory_bytes,
+        # CPU time is a backstop to the wall-clock timeout: every core may burn it in parallel.
+        cpu_seconds=int(settings.job_timeout_s * max(1, settings.threads)) + 60,
+        file_bytes=settings.sandbox_file_bytes,
+        max_processes=settings.sandbox_max_processes,
+        user=settings.sandbox_user,
+    )
+
+
+def stage(claim: Claim, jobdir: Path, store: BlobStore, settings: Settings) -> None:
+    if jobdir.exists():
+        shutil.rmtree(jobdir)
+    (jobdir / "inputs").mkdir(parents=True)
+    (jobdir / "out").mkdir()
+    model_rel = f"inputs/model{MODEL_SUFFIX[claim.model_format]}"
+    shutil.copyfile(store.path(claim.model_sha256), jobdir / model_rel)
+    datasets = {}
+    for role, ds in claim.datasets.items():
+        rel = f"inputs/{role}.{ds['format']}"
+        shutil.copyfile(store.path(ds["sha256"]), jobdir / rel)
+        datasets[role] = rel
+    spec = {"job_id": claim.job_id, "model": {"path": model_rel, "format": claim.model_format},
+            "recipe": claim.recipe, "outputs": claim.outputs, "datasets": datasets, "threads": settings.threads}
+    (jobdir / "job.json").write_text(json.dumps(spec))
+
+
+def collect_artifact(jobdir: Path, entry: Any, store: BlobStore, tmp_dir: Path) -> dict[str, Any]:
+    """Copies one artifact the child names out of out/ into the blob store, refusing anything but a
+    plain regular file directly in out/ (no links, no paths: the child is untrusted)."""
+    if not isinstance(entry, dict):
+        raise ValueError("artifact entry is not an object")
+    name, fmt, rel = entry.get("name"), entry.get("format"), entry.get("path", entry.get("name"))
+    if not (isinstance(name, str) and ARTIFACT_NAME.match(name)) or fmt not in ARTIFACT_FORMATS:
+        raise ValueError(f"invalid artifact name/format: {name!r} {fmt!r}")
+    if not (isinstance(rel, str) and ARTIFACT_NAME.match(rel)):
+        raise ValueError(f"invalid artifact path: {rel!r}")
+    fd = os.open(jobdir / "out" / rel, os.O_RDONLY | os.O_NOFOLLOW)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise ValueError(f"artifact {rel!r} is not a regular file")
+        with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="artifact-", delete=False) as dst:
+            for chunk in iter(lambda: src.read(1024 * 1024), b""):
+                digest.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
+    sha = digest.hexdigest()
+    store.put_file(Path(dst.name), sha)
+    return {"name": name, "format": fmt, "size_bytes": size, "sha256": sha}
+
+
+def _kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run(claim: Claim, settings: Settings | None = None, store: BlobStore | None = None) -> Outcome | None:
+    """Runs the job to an Outcome; None when the lease was lost (another attempt owns the job)."""
+    settings = settings or get_settings()
+    store = store or make_store(settings)
+    jobdir = settings.jobs_dir / f"{claim.job_id}-{claim.attempt}"
+    try:
+        return _run(claim, settings, store, jobdir)
+    except Exception as exc:
+        log.exception("job %s: supervisor error", claim.job_id)
+        return Outcome("failed", "internal", f"supervisor error: {type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(jobdir, ignore_errors=True)
+
+
+def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Outcome | None:
+    try:
+        stage(claim, jobdir, store, settings)
+    except FileNotFoundError as exc:
+        return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
+    limits = _limits(settings)
+    isolation.prepare_jobdir(jobdir, limits)
+    stderr = open(jobdir.parent / f"{jobdir.name}.stderr", "w+b")
+    try:
+        proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
+                               stdout=subprocess.PIPE, stderr=stderr,
+                               extra_env={"OMP_NUM_THREADS": str(settings.threads)})
+        return _supervise(claim, settings, store, jobdir, proc, stderr)
+    finally:
+        stderr.close()
+        Path(stderr.name).unlink(missing_ok=True)
+
+
+def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
+    relay = _Relay(proc.stdout)
+    relay.start()
+    started = time.monotonic()
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    progress, stage_name = 0.0, "starting"
+    events: list[tuple[str, str | None, dict[str, Any]]] = [
+        ("sandbox", "sandbox started", {"isolation": isolation.describe(limits=_limits(settings))})]
+    next_beat, eof = 0.0, False
+    while True:
+        try:
+            msg = relay.lines.get(timeout=0.2)
+        except queue_mod.Empty:
+            msg = False
+        if msg is None:
+            eof = True
+        elif msg:
+            kind = msg.get("type")
+            if kind == "progress":
+                p = msg.get("progress")
+                progress = float(p) if isinstance(p, (int, float)) else progress
+                new_stage = str(msg.get("stage") or stage_name)[:100]
+                if new_stage != stage_name:
+                    events.append(("stage", str(msg.get("message") or new_stage)[:2000], {"stage": new_stage}))
+                stage_name = new_stage
+            elif kind == "event":
+                data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+                events.append((str(msg.get("name") or "event")[:40], msg.get("message"), data))
+            elif kind == "result":
+                result = msg
+            elif kind == "error":
+                error = msg
+            else:
+                events.append(("protocol_error", f"unexpected line from the sandbox: {msg}"[:500], {}))
+        now = time.monotonic()
+        if eof or events or now >= next_beat:
+            with session_scope() as db:
+                status = heartbeat(db, claim.job_id, claim.lease, progress=progress, stage=stage_name,
+                                   events=events)
+            events, next_beat = [], now + settings.heartbeat_interval_s
+            if status is None:
+                log.warning("job %s: lease lost; killing the sandbox", claim.job_id)
+                _kill(proc)
+                return None
+            if status == "canceling":
+                _kill(proc)
+                return Outcome("canceled")
+        if now - started > settings.job_timeout_s:
+            _kill(proc)
+            return Outcome("failed", "timeout", f"the job ran past its time limit of {settings.job_timeout_s:g} s")
+        if eof:
+            break
+    code = proc.wait()
+    if code == 0 and result is not None:
+        artifacts = []
+        try:
+            for entry in result.get("artifacts") or []:
+                artifacts.append(collect_artifact(jobdir, entry, store, settings.tmp_dir))
+        except (OSError, ValueError) as exc:
+            return Outcome("failed", "bad_artifact", f"the sandbox produced an unusable artifact: {exc}")
+        metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else None
+        seconds = result.get("engine_seconds")
+        return Outcome("succeeded", metrics=metrics, artifacts=artifacts,
+                       engine_seconds=float(seconds) if isinstance(seconds, (int, float)) else None)
+    if error is not None and code != 0:
+        return Outcome("failed", str(error.get("code") or "engine_error")[:64], str(error.get("message"))[:4000])
+    stderr.seek(0, os.SEEK_END)
+    stderr.seek(max(0, stderr.tell() - STDERR_TAIL))
+    tail = stderr.read().decode("utf-8", "replace")
+    if code < 0:
+        sig = signal.Signals(-code).name
+        return Outcome("failed", "resource_limit",
+                       f"the sandbox was killed by {sig} (memory limit {settings.sandbox_memory_bytes} bytes, "
+                       f"CPU or file-size limit); last output: {tail[-1000:]}")
+    if "MemoryError" in tail:
+        return Outcome("failed", "resource_limit", f"the sandbox ran out of memory; last output: {tail[-1000:]}")
+    return Outcome("failed", "sandbox_crashed", f"the sandbox exited with code {code}; last output: {tail[-1500:]}")

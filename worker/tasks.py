@@ -1,0 +1,26 @@
+"""The thin Celery task: claim the row, run the supervisor, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+
+from app import lifecycle
+from app.db import session_scope
+from app.queue import RUN_JOB_TASK
+from worker import supervisor
+from worker.celery_app import celery
+
+log = logging.getLogger("squeeze.worker")
+
+
+@celery.task(name=RUN_JOB_TASK, bind=True)
+def run_job(self, job_id: str) -> str | None:
+    with session_scope() as db:
+        claim = lifecycle.claim(db, job_id, worker=self.request.hostname or "worker")
+    if claim is None:  # someone else has it, or it was canceled: a redelivery is a no-op
+        return None
+    outcome = supervisor.run(claim)
+    if outcome is None:  # the lease was lost (reaped as dead): another attempt owns the job now
+        return None
+    with session_scope() as db:
+        return lifecycle.finish(db, job_id, claim.lease, outcome)
