@@ -15,7 +15,6 @@ import queue as queue_mod
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -96,12 +95,9 @@ def collect_artifact(jobdir: Path, entry: Any, store: BlobStore, tmp_dir: Path) 
         raise ValueError(f"invalid artifact name/format: {name!r} {fmt!r}")
     if not (isinstance(rel, str) and ARTIFACT_NAME.match(rel)):
         raise ValueError(f"invalid artifact path: {rel!r}")
-    fd = os.open(jobdir / "out" / rel, os.O_RDONLY | os.O_NOFOLLOW)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "rb") as src:
-        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-            raise ValueError(f"artifact {rel!r} is not a regular file")
+    with isolation.open_job_file(jobdir, f"out/{rel}") as src:  # no links, FIFOs or hard links
         with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="artifact-", delete=False) as dst:
             for chunk in iter(lambda: src.read(1024 * 1024), b""):
                 digest.update(chunk)
@@ -211,7 +207,7 @@ def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
         try:
             for entry in result.get("artifacts") or []:
                 artifacts.append(collect_artifact(jobdir, entry, store, settings.tmp_dir))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, isolation.SandboxError) as exc:
             return Outcome("failed", "bad_artifact", f"the sandbox produced an unusable artifact: {exc}")
         metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else None
         seconds = result.get("engine_seconds")

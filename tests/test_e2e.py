@@ -1,0 +1,292 @@
+"""Whole jobs through HTTP against a real API server and real Celery workers, on both backends."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from tests import modelzoo
+from tests.conftest import ADMIN_KEY, new_team_key
+
+FAST_REAPER = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_HEARTBEAT_TIMEOUT_S": "4",
+               "SQUEEZE_REAPER_INTERVAL_S": "1", "SQUEEZE_REQUEUE_AFTER_S": "15", "SQUEEZE_SANDBOX_THREADS": "1"}
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+# A package whose build_model() waits before building the MLP: a job that is reliably mid-flight.
+SLOW_MLP_SOURCE = "import time\n" + modelzoo.MLP_SOURCE.replace(
+    "def build_model():\n", "def build_model():\n    time.sleep({seconds})\n")
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("digits")
+    x_train, _, x_test, y_test = modelzoo.digits_split()
+    mlp = modelzoo.train_mlp()
+    files = {
+        "pt2": modelzoo.export_pt2(mlp, x_test, d / "mlp.pt2"),
+        "onnx": modelzoo.export_onnx(mlp, x_test, d / "mlp.onnx"),
+        "package": modelzoo.write_package(mlp, d / "mlp.zip", modelzoo.MLP_SOURCE),
+        "slow_package": modelzoo.write_package(mlp, d / "slow.zip", SLOW_MLP_SOURCE.format(seconds=8)),
+        "very_slow_package": modelzoo.write_package(mlp, d / "very_slow.zip", SLOW_MLP_SOURCE.format(seconds=120)),
+        "eval": modelzoo.write_npz(d / "eval.npz", x_test, y_test),
+    }
+    files["accuracy"] = modelzoo.accuracy(mlp, x_test, y_test)
+    return files
+
+
+def upload(client, kind: str, path: Path) -> dict:
+    with open(path, "rb") as f:
+        r = client.post(f"/v1/{kind}", params={"name": path.name}, content=f.read())
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def wait_for(client, job_id: str, until=lambda j: j["status"] in TERMINAL, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach the condition in {timeout}s: {job}")
+
+
+def weight_sparsity_pt2(path: Path) -> float:
+    import torch
+
+    ep = torch.export.load(str(path))  # a file this test's server produced: trusted here
+    weights = [v for k, v in ep.state_dict.items() if k.endswith("weight") and v.ndim >= 2]
+    return float(sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights))
+
+
+def weight_sparsity_onnx(path: Path) -> float:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) >= 2]
+    return float(sum((w == 0).sum() for w in weights) / sum(w.size for w in weights))
+
+
+def weight_sparsity_package(path: Path) -> float:
+    import zipfile
+
+    from safetensors.numpy import load
+
+    with zipfile.ZipFile(path) as zf:
+        state = load(zf.read("weights.safetensors"))
+    weights = [w for k, w in state.items() if w.ndim >= 2]
+    return float(sum((w == 0).sum() for w in weights) / sum(w.size for w in weights))
+
+
+SPARSITY_OF = {"pt2": weight_sparsity_pt2, "onnx": weight_sparsity_onnx, "package": weight_sparsity_package}
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_prune_every_format_end_to_end(backend_name, stack_factory, digits_files, tmp_path):
+    stack = stack_factory(backend_name, **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker(concurrency=2)
+    client = stack.client(new_team_key(stack.admin, "vision"))
+    eval_ds = upload(client, "datasets", digits_files["eval"])
+    assert eval_ds["format"] == "npz"
+    outputs = {"pt2": ["pt2", "onnx"], "onnx": ["onnx"], "package": ["package", "pt2"]}
+    jobs = {}
+    for fmt in ("pt2", "onnx", "package"):
+        model = upload(client, "models", digits_files[fmt])
+        assert model["format"] == fmt
+        recipe = {"steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}], "outputs": outputs[fmt],
+                  "evaluate": {"batch_sizes": [1, 32], "repeats": 5}}
+        r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": recipe,
+                                          "datasets": {"eval": eval_ds["id"]}})
+        assert r.status_code == 202, r.text
+        jobs[fmt] = r.json()["id"]
+    for fmt, job_id in jobs.items():
+        job = wait_for(client, job_id)
+        assert job["status"] == "succeeded", (fmt, job["error"], stack.log_dir)
+        assert job["progress"] == 1.0 and job["attempts"] == 1
+        m = job["metrics"]
+        assert m["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert m["original"]["sparsity"] < 0.05
+        assert m["original"]["accuracy"] == pytest.approx(digits_files["accuracy"], abs=0.005)
+        assert 0.5 < m["compressed"]["accuracy"] <= 1.0 and 0.5 < m["compressed"]["agreement"] <= 1.0
+        assert set(m["compressed"]["latency_ms"]) and all(
+            set(per_batch) == {"1", "32"} for per_batch in m["compressed"]["latency_ms"].values())
+        names = {a["name"]: a for a in job["artifacts"]}
+        assert "report.json" in names
+        for out_fmt in outputs[fmt]:
+            art = next(a for a in job["artifacts"] if a["format"] == out_fmt)
+            r = client.get(art["url"])
+            assert r.status_code == 200 and r.headers["etag"] == f'"{art["sha256"]}"'
+            path = tmp_path / f"{fmt}-{art['name']}"
+            path.write_bytes(r.content)
+            assert SPARSITY_OF[out_fmt](path) == pytest.approx(0.5, abs=0.01), (fmt, out_fmt)
+        events = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+        assert events[0] == "queued" and "started" in events and events[-1] == "succeeded"
+        assert "stage" in events
+
+
+def _slow_job(stack, digits_files, key: str = "slow_package") -> tuple:
+    client = stack.client(new_team_key(stack.admin, "t" + secrets.token_hex(3)))
+    model = upload(client, "models", digits_files[key])
+    eval_ds = upload(client, "datasets", digits_files["eval"])
+    r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50",
+                                      "datasets": {"eval": eval_ds["id"]}})
+    assert r.status_code == 202
+    return client, r.json()["id"]
+
+
+def _sandboxes(job_id: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "worker.sandbox" in cmd and job_id in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_worker_killed_mid_job_then_restarted(backend_name, stack_factory, digits_files):
+    stack = stack_factory(backend_name, **FAST_REAPER)
+    stack.start_api()
+    worker = stack.start_worker()
+    client, job_id = _slow_job(stack, digits_files)
+    wait_for(client, job_id, lambda j: j["status"] == "running" and j["stage"] not in (None, "starting"), 120)
+    assert _sandboxes(job_id), "the sandbox should be running"
+    stack.kill_worker_tree(worker)
+    assert not _sandboxes(job_id)
+    stack.start_worker()
+    job = wait_for(client, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    assert len(job["artifacts"]) == len({a["name"] for a in job["artifacts"]})
+    events = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+    assert events.count("requeued") == 1 and events.count("started") == 2 and events.count("succeeded") == 1
+
+
+def test_lost_worker_never_leaves_a_job_running(stack_factory, digits_files):
+    stack = stack_factory("sqlite", **FAST_REAPER, SQUEEZE_MAX_ATTEMPTS="1")
+    stack.start_api()
+    worker = stack.start_worker()
+    client, job_id = _slow_job(stack, digits_files)
+    wait_for(client, job_id, lambda j: j["status"] == "running", 120)
+    stack.kill_worker_tree(worker)  # and no worker comes back: the API's reaper must settle the job
+    job = wait_for(client, job_id, timeout=30)
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+
+
+def test_cancel_running_job_kills_the_sandbox_fast(stack_factory, digits_files):
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker()
+    client, job_id = _slow_job(stack, digits_files, "very_slow_package")
+    wait_for(client, job_id, lambda j: j["status"] == "running" and j["stage"] not in (None, "starting"), 120)
+    deadline = time.monotonic() + 20
+    while not _sandboxes(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    procs = _sandboxes(job_id)
+    assert procs
+    t0 = time.monotonic()
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "canceling"
+    job = wait_for(client, job_id, timeout=5)
+    gone, alive = psutil.wait_procs(procs, timeout=max(0.1, 5 - (time.monotonic() - t0)))
+    elapsed = time.monotonic() - t0
+    assert job["status"] == "canceled" and not alive and elapsed < 5, elapsed
+    assert job["artifacts"] == []
+
+
+HOSTILE_SOURCE = '''\
+import os, socket
+from torch import nn
+
+
+def build_model():
+    report = ["PROBE", "env=" + repr(dict(os.environ))]
+    for target in ({tmp_target!r}, {parent_target!r}):
+        try:
+            with open(target, "w") as f:
+                f.write("pwned")
+            report.append("wrote " + target)
+        except OSError as exc:
+            report.append("write refused " + type(exc).__name__)
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+        report.append("connected")
+    except OSError as exc:
+        report.append("connect refused " + type(exc).__name__)
+    raise RuntimeError(" | ".join(report))
+'''
+
+
+def test_hostile_package_gets_no_secret_no_write_no_connection(stack_factory, digits_files, tmp_path):
+    secret = "s3cr3t-" + secrets.token_hex(8)
+    stack = stack_factory("sqlite", **FAST_REAPER, SQUEEZE_TEST_CANARY=secret)
+    stack.env["AWS_SECRET_ACCESS_KEY"] = secret
+    stack.start_api()
+    stack.start_worker()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.2)
+    connections = []
+
+    def accept() -> None:
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            try:
+                connections.append(listener.accept())
+            except (socket.timeout, OSError):
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    tmp_target = f"/tmp/squeeze-pwned-{secrets.token_hex(6)}"
+    parent_target = str(stack.data_dir / "jobs" / f"pwned-{secrets.token_hex(6)}")
+    source = HOSTILE_SOURCE.format(tmp_target=tmp_target, parent_target=parent_target,
+                                   port=listener.getsockname()[1])
+    mlp = modelzoo.build_from_source(modelzoo.MLP_SOURCE)
+    package = modelzoo.write_package(mlp, tmp_path / "hostile.zip", source)
+    client = stack.client(new_team_key(stack.admin, "mallory"))
+    model = upload(client, "models", package)
+    job_id = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).json()["id"]
+    job = wait_for(client, job_id)
+    listener.close()
+    assert job["status"] == "failed" and job["error"]["code"] == "bad_model"
+    message = job["error"]["message"]
+    assert "PROBE" in message  # the probe really ran
+    assert secret not in message and "SQUEEZE_DATABASE_URL" not in message and ADMIN_KEY not in message
+    assert "connected" not in message and not connections
+    assert not Path(tmp_target).exists() and not Path(parent_target).exists()
+
+
+def test_malicious_pt2_refused_at_upload(api, digits_files, tmp_path):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(digits_files["pt2"]) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".pt") or "sample_inputs" in item.filename:
+                data = pickle.dumps(Payload())
+            dst.writestr(item, data)
+    r = api.post("/v1/models", params={"name": "evil.pt2"}, content=evil.read_bytes())
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["code"] == "unsafe_pickle"
+    assert not marker.exists()
+    assert api.get("/v1/models").json()["data"] == []
