@@ -49,6 +49,8 @@ class LocalStore:
             src.unlink(missing_ok=True)
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # Temp files are 0600; blobs must be readable by the API and worker users alike.
+        os.chmod(src, 0o644)
         try:
             os.replace(src, dest)  # same filesystem: atomic
         except OSError:
@@ -58,6 +60,7 @@ class LocalStore:
                     shutil.copyfileobj(f, tmp, CHUNK)
                 tmp.flush()
                 os.fsync(tmp.fileno())
+            os.chmod(tmp.name, 0o644)
             os.replace(tmp.name, dest)
             src.unlink(missing_ok=True)
 

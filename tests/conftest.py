@@ -7,90 +7,23 @@ missing service fails the run instead of skipping the PostgreSQL half of the sui
 from __future__ import annotations
 
 import os
-import secrets
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 import pytest
 
-PG_ADMIN_URL = os.environ.get("SQUEEZE_TEST_PG", "postgresql://127.0.0.1:5432/test")
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+from tests.stack import ADMIN_KEY, ROOT, SETTINGS_ENV, Backend, ServiceUnavailable, Stack, backend_env, reset_caches
+from tests.stack import make_backend as _make_backend
+
+__all__ = ["ADMIN_KEY", "ROOT", "new_team_key"]
 REQUIRE_SERVICES = os.environ.get("SQUEEZE_TEST_REQUIRE_SERVICES") == "1"
-ADMIN_KEY = "sqz_test_admin_" + secrets.token_hex(8)
-ROOT = Path(__file__).resolve().parent.parent
-
-SETTINGS_ENV = ("SQUEEZE_DATA_DIR", "SQUEEZE_DATABASE_URL", "SQUEEZE_BROKER_URL", "SQUEEZE_BLOB_URL",
-                "SQUEEZE_BOOTSTRAP_ADMIN_KEY", "SQUEEZE_HEARTBEAT_TIMEOUT_S", "SQUEEZE_HEARTBEAT_INTERVAL_S",
-                "SQUEEZE_REQUEUE_AFTER_S", "SQUEEZE_REAPER_INTERVAL_S", "SQUEEZE_MAX_UPLOAD_BYTES")
 
 
-def _port_open(host: str, port: int) -> bool:
+def make_backend(name, data_dir) -> Backend:
     try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _need(service: str, host: str, port: int) -> None:
-    if not _port_open(host, port):
+        return _make_backend(name, data_dir)
+    except ServiceUnavailable as exc:
         if REQUIRE_SERVICES:
-            pytest.fail(f"{service} at {host}:{port} is required (SQUEEZE_TEST_REQUIRE_SERVICES=1) but unreachable")
-        pytest.skip(f"{service} at {host}:{port} unreachable")
-
-
-_redis_dbs = iter(range(1, 16))
-
-
-@dataclass
-class Backend:
-    name: str
-    database_url: str
-    broker_url: str
-    cleanup: list = field(default_factory=list)
-
-
-def make_backend(name: str, data_dir: Path) -> Backend:
-    if name == "sqlite":
-        return Backend(name, f"sqlite:///{data_dir / 'squeeze.db'}", "filesystem://")
-    _need("PostgreSQL", "127.0.0.1", 5432)
-    _need("Redis", REDIS_HOST, REDIS_PORT)
-    import psycopg
-    import redis
-
-    db_name = "squeeze_t_" + secrets.token_hex(6)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
-
-    def drop() -> None:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-
-    redis_db = next(_redis_dbs, 15)
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db).flushdb()
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    return Backend(name, f"{base}/{db_name}", f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}", [drop])
-
-
-def backend_env(backend: Backend, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {"SQUEEZE_DATA_DIR": str(data_dir), "SQUEEZE_DATABASE_URL": backend.database_url,
-           "SQUEEZE_BROKER_URL": backend.broker_url, "SQUEEZE_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY}
-    env.update(extra)
-    return env
-
-
-def reset_caches() -> None:
-    from app import config, db, queue
-
-    config.get_settings.cache_clear()
-    db.get_engine.cache_clear()
-    db.get_sessionmaker.cache_clear()
-    queue._sender.cache_clear()
+            pytest.fail(f"{exc} (required: SQUEEZE_TEST_REQUIRE_SERVICES=1)")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -136,91 +69,6 @@ def new_team_key(client, team: str) -> str:
     r = client.post("/v1/keys", json={"team": team, "name": "t"})
     assert r.status_code == 201, r.text
     return r.json()["key"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Stack:
-    """A real API server (uvicorn) and real Celery worker processes on a backend."""
-
-    def __init__(self, backend: Backend, data_dir: Path, log_dir: Path, **settings: str):
-        self.backend, self.data_dir, self.log_dir = backend, data_dir, log_dir
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SQUEEZE_")}
-        self.env.update(backend_env(backend, data_dir, **settings))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_proc: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
-
-    def _log(self, name: str):
-        return open(self.log_dir / f"{name}.log", "ab")
-
-    def start_api(self) -> None:
-        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, check=True, cwd=ROOT,
-                       capture_output=True)
-        self.api_proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"], env=self.env, cwd=ROOT,
-            stdout=self._log("api"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.api_proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"API did not start; see {self.log_dir / 'api.log'}")
-
-    def start_worker(self, concurrency: int = 2) -> subprocess.Popen:
-        n = len(self.workers)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c",
-             str(concurrency), "-Q", "cpu", "-n", f"w{n}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle"],
-            env=self.env, cwd=ROOT, stdout=self._log(f"worker{n}"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.workers.append(proc)
-        return proc
-
-    def kill_worker_tree(self, proc: subprocess.Popen) -> None:
-        """kill -9 of the worker and everything under it (its sandboxes included)."""
-        import psutil
-
-        try:
-            parent = psutil.Process(proc.pid)
-            tree = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
-
-    def client(self, key: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-
-    def stop(self) -> None:
-        for p in [*self.workers, self.api_proc]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-        for p in [*self.workers, self.api_proc]:
-            if p is None:
-                continue
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill_worker_tree(p)
-        self.admin.close()
 
 
 @pytest.fixture
