@@ -118,6 +118,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: JobError | None
     metrics: dict[str, Any] | None
+    engine_seconds: float | None = Field(None, description="Time the engine spent in the sandbox.")
     artifacts: list[ArtifactOut]
 
 
@@ -150,7 +151,7 @@ def job_out(job: models.Job) -> JobOut:
         recipe=job.recipe, outputs=job.outputs, datasets=job.datasets or {}, metadata=job.job_metadata or {},
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-        metrics=job.metrics,
+        metrics=job.metrics, engine_seconds=job.engine_seconds,
         artifacts=[ArtifactOut(name=a.name, format=a.format, size_bytes=a.size_bytes, sha256=a.sha256,
                                url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
     )

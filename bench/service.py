@@ -1,0 +1,223 @@
+"""Service benchmarks: upload throughput and server RSS, submit->running latency, GET job throughput,
+and the fixed overhead of a job. Real API server, real workers, PostgreSQL + Redis (and the embedded
+SQLite + filesystem default for the job overhead)."""
+
+from __future__ import annotations
+
+import http.client
+import multiprocessing
+import statistics
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import psutil
+
+from tests import modelzoo
+from tests.stack import Stack, make_backend
+
+MiB = 1024 * 1024
+FAST = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_SANDBOX_THREADS": "1"}
+
+
+def _stack(workdir: Path, backend: str, name: str, **settings) -> Stack:
+    data_dir = workdir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Stack(make_backend(backend, data_dir), data_dir, workdir, **settings)
+
+
+def _team_key(stack: Stack) -> str:
+    r = stack.admin.post("/v1/keys", json={"team": "bench", "name": "bench"})
+    r.raise_for_status()
+    return r.json()["key"]
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+
+def _big_npz(path: Path, size_bytes: int) -> None:
+    """A real dataset file of the given size (one float32 array), written without holding it in memory."""
+    import zipfile
+
+    n = size_bytes // 4
+    header = {"descr": "<f4", "fortran_order": False, "shape": (n,)}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            block = np.random.default_rng(0).random(MiB // 4, dtype=np.float32).tobytes()
+            for _ in range(size_bytes // MiB):
+                f.write(block)
+
+
+def bench_upload(workdir: Path, size_bytes: int = 1024 * MiB, runs: int = 3) -> dict:
+    stack = _stack(workdir, "postgres", "upload", SQUEEZE_MAX_UPLOAD_BYTES=str(4 * size_bytes))
+    path = workdir / "big.npz"
+    _big_npz(path, size_bytes)
+    file_size = path.stat().st_size
+    try:
+        stack.start_api()
+        key = _team_key(stack)
+        url = urlparse(stack.url)
+        rows = []
+        for i in range(runs):
+            api = psutil.Process(stack.api_proc.pid)
+            baseline = api.memory_info().rss
+            sampler = _RssSampler(stack.api_proc.pid)
+            sampler.start()
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600, blocksize=MiB)
+            t0 = time.perf_counter()
+            with open(path, "rb") as f:
+                conn.request("POST", f"/v1/datasets?name=big{i}.npz", body=f,
+                             headers={"Authorization": f"Bearer {key}", "Content-Length": str(file_size),
+                                      "Content-Type": "application/octet-stream"})
+                resp = conn.getresponse()
+                body = resp.read()
+            seconds = time.perf_counter() - t0
+            sampler.stop.set()
+            sampler.join()
+            assert resp.status == 201, body[:500]
+            rows.append({"seconds": round(seconds, 3), "mib_per_s": round(file_size / MiB / seconds, 1),
+                         "rss_baseline_mib": round(baseline / MiB, 1),
+                         "rss_growth_mib": round((sampler.peak - baseline) / MiB, 1)})
+    finally:
+        stack.stop()
+        for fn in stack.backend.cleanup:
+            fn()
+        path.unlink(missing_ok=True)
+    return {"file_mib": round(file_size / MiB, 1), "runs": rows,
+            "median_mib_per_s": statistics.median(r["mib_per_s"] for r in rows),
+            "max_rss_growth_mib": max(r["rss_growth_mib"] for r in rows)}
+
+
+def _wait(client, job_id: str, cond, timeout: float = 120) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if cond(job):
+            return job
+        time.sleep(0.01)
+    raise TimeoutError(job_id)
+
+
+def bench_submit_latency(workdir: Path, jobs: int = 20) -> dict:
+    """Time from the job row's creation to its claim by an idle worker (server timestamps), on Redis."""
+    stack = _stack(workdir, "postgres", "latency", **FAST)
+    mlp = modelzoo.build_from_source(modelzoo.MLP_SOURCE)
+    slow = modelzoo.write_package(mlp, workdir / "slow.zip", "import time\n" + modelzoo.MLP_SOURCE.replace(
+        "def build_model():\n", "def build_model():\n    time.sleep(60)\n"))
+    try:
+        stack.start_api()
+        stack.start_worker(concurrency=1)
+        client = stack.client(_team_key(stack))
+        model = client.post("/v1/models", params={"name": "slow.zip"}, content=slow.read_bytes()).json()
+        # one warm-up job: the first task of a fresh worker pays for imports
+        latencies = []
+        for i in range(jobs + 1):
+            job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).json()
+            running = _wait(client, job["id"], lambda j: j["status"] == "running")
+            if i:
+                latencies.append((_ts(running["started_at"]) - _ts(running["created_at"])) * 1000)
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+            _wait(client, job["id"], lambda j: j["status"] == "canceled")
+    finally:
+        stack.stop()
+        for fn in stack.backend.cleanup:
+            fn()
+    return {"jobs": jobs, "broker": "redis", "p50_ms": round(statistics.median(latencies), 1),
+            "p90_ms": round(_pct(latencies, 0.9), 1), "max_ms": round(max(latencies), 1)}
+
+
+def _get_loop(args) -> list[float]:
+    host, port, path, key, seconds = args
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {key}"}
+    samples, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(resp.status)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def bench_get_job(workdir: Path, clients: int = 4, seconds: float = 15.0) -> dict:
+    stack = _stack(workdir, "postgres", "getjob")
+    mlp = modelzoo.build_from_source(modelzoo.MLP_SOURCE)
+    pkg = modelzoo.write_package(mlp, workdir / "mlp.zip", modelzoo.MLP_SOURCE)
+    try:
+        stack.start_api()
+        key = _team_key(stack)
+        client = stack.client(key)
+        model = client.post("/v1/models", params={"name": "mlp.zip"}, content=pkg.read_bytes()).json()
+        job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).json()
+        url = urlparse(stack.url)
+        args = (url.hostname, url.port, f"/v1/jobs/{job['id']}", key, seconds)
+        _get_loop((*args[:4], 1.0))  # warm-up
+        with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            t0 = time.perf_counter()
+            results = pool.map(_get_loop, [args] * clients)
+            wall = time.perf_counter() - t0
+    finally:
+        stack.stop()
+        for fn in stack.backend.cleanup:
+            fn()
+    samples = [s * 1000 for r in results for s in r]
+    return {"clients": clients, "seconds": seconds, "requests": len(samples),
+            "req_per_s": round(len(samples) / wall, 1), "p50_ms": round(statistics.median(samples), 2),
+            "p99_ms": round(_pct(samples, 0.99), 2), "database": "postgresql"}
+
+
+def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5) -> dict:
+    """Wall time of a small prune job (submit -> finished) minus the engine's own time in the sandbox."""
+    stack = _stack(workdir, backend, f"overhead-{backend}", **FAST)
+    x_train, _, x_test, y_test = modelzoo.digits_split()
+    mlp = modelzoo.train_mlp()
+    pt2 = modelzoo.export_pt2(mlp, x_test, workdir / "mlp.pt2")
+    eval_npz = modelzoo.write_npz(workdir / "eval.npz", x_test, y_test)
+    try:
+        stack.start_api()
+        stack.start_worker(concurrency=1)
+        client = stack.client(_team_key(stack))
+        model = client.post("/v1/models", params={"name": "mlp.pt2"}, content=pt2.read_bytes()).json()
+        ds = client.post("/v1/datasets", params={"name": "eval.npz"}, content=eval_npz.read_bytes()).json()
+        rows = []
+        for _ in range(jobs):
+            job = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": ds["id"]},
+                                                "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
+                                                           "evaluate": {"repeats": 5}}}).json()
+            done = _wait(client, job["id"], lambda j: j["status"] in ("succeeded", "failed"), 300)
+            assert done["status"] == "succeeded", done["error"]
+            wall = _ts(done["finished_at"]) - _ts(done["created_at"])
+            engine = done["engine_seconds"]
+            rows.append({"wall_s": round(wall, 3), "engine_s": round(engine, 3),
+                         "queue_s": round(_ts(done["started_at"]) - _ts(done["created_at"]), 3),
+                         "overhead_s": round(wall - engine, 3)})
+    finally:
+        stack.stop()
+        for fn in stack.backend.cleanup:
+            fn()
+    return {"backend": backend, "jobs": rows, "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
+            "median_wall_s": statistics.median(r["wall_s"] for r in rows)}

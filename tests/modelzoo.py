@@ -1,0 +1,147 @@
+"""Small real models for tests: trained in seconds on sklearn's bundled digits, written in every input format."""
+
+from __future__ import annotations
+
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+SEED = 0
+HOLDOUT = 360
+
+# Sources of model.py for packages: standalone text, so a package never depends on the test module.
+MLP_SOURCE = '''\
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(),
+        nn.Linear(128, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+'''
+
+CNN_SOURCE = '''\
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+'''
+
+
+def build_from_source(source: str) -> nn.Module:
+    """Run a model.py source text and return its build_model()."""
+    namespace: dict = {}
+    exec(compile(source, "<model.py>", "exec"), namespace)  # our own constant sources only
+    return namespace["build_model"]()
+
+
+@lru_cache(maxsize=1)
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): digits as float32 in [0, 1], shape (N, 64); 360 held out; fixed seed."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(SEED).permutation(len(x))
+    test, train = order[:HOLDOUT], order[HOLDOUT:]
+    return x[train], y[train], x[test], y[test]
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+    """(N, 64) -> (N, 1, 8, 8) for the CNN."""
+    return np.ascontiguousarray(x.reshape(-1, 1, 8, 8))
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 3e-3) -> nn.Module:
+    torch.manual_seed(SEED)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(SEED)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def train_mlp(epochs: int = 20) -> nn.Module:
+    """The 64 -> 128 -> 64 -> 10 ReLU MLP of MLP_SOURCE, trained on digits (hold-out accuracy > 0.9)."""
+    torch.manual_seed(SEED)
+    x, y, _, _ = digits_split()
+    return _train(build_from_source(MLP_SOURCE), x, y, epochs)
+
+
+def train_cnn(epochs: int = 8) -> nn.Module:
+    """The small CNN of CNN_SOURCE on (N, 1, 8, 8) digits."""
+    torch.manual_seed(SEED)
+    x, y, _, _ = digits_split()
+    return _train(build_from_source(CNN_SOURCE), as_images(x), y, epochs)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def export_pt2(model: nn.Module, example: np.ndarray, path: Path | str, dynamic_batch: bool = True) -> Path:
+    """torch.export the model (batch dim dynamic by default) and save it as .pt2."""
+    path = Path(path)
+    ex = torch.from_numpy(np.ascontiguousarray(example[:2] if len(example) >= 2 else np.repeat(example, 2, 0)))
+    dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    ep = torch.export.export(model.eval(), (ex,), dynamic_shapes=dynamic)
+    torch.export.save(ep, str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, example: np.ndarray, path: Path | str) -> Path:
+    """One-file ONNX (dynamo exporter, external_data=False) with a dynamic batch dim; input named input_0."""
+    path = Path(path)
+    ex = torch.from_numpy(np.ascontiguousarray(example[:2] if len(example) >= 2 else np.repeat(example, 2, 0)))
+    torch.onnx.export(model.eval(), (ex,), str(path), dynamo=True, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), input_names=["input_0"],
+                      output_names=["output"])
+    return path
+
+
+def write_package(model: nn.Module, path: Path | str, model_source: str,
+                  example_inputs: list[np.ndarray] | None = None) -> Path:
+    """A model package zip: model.py (the given source), weights.safetensors, optional example inputs."""
+    from safetensors.torch import save as save_tensors
+
+    path = Path(path)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model.py", model_source)
+        zf.writestr("weights.safetensors", save_tensors(state))
+        if example_inputs is not None:
+            zf.writestr("example_inputs.safetensors", save_tensors(
+                {f"input_{i}": torch.from_numpy(np.ascontiguousarray(a)) for i, a in enumerate(example_inputs)}))
+    return path
+
+
+def write_npz(path: Path | str, inputs: np.ndarray | dict[str, np.ndarray], labels: np.ndarray | None = None) -> Path:
+    """A dataset file: one input array (key `x`) or several named ones, plus optional `labels`."""
+    path = Path(path)
+    arrays = dict(inputs) if isinstance(inputs, dict) else {"x": inputs}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a str path without it
+        np.savez(f, **arrays)
+    return path

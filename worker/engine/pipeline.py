@@ -1,0 +1,40 @@
+"""Runs a recipe's steps in order on a loaded model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from app.recipes import Recipe
+from worker.engine.datasets import Dataset
+from worker.engine.formats.base import LoadedModel
+from worker.engine.passes import StepContext, StepReport, pass_for
+
+# progress(fraction of all steps done, stage like "steps[0].prune", message)
+Progress = Callable[[float, str, str], None]
+
+
+def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset] | None = None, threads: int = 1,
+              workdir: Path = Path("."), progress: Progress | None = None,
+              on_step_done: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+    """Apply every step in place; return one report per step (with `index`, `stage` and `seconds` added)."""
+    reports: list[StepReport] = []
+    n = len(recipe.steps)
+    for i, spec in enumerate(recipe.steps):
+        stage = f"steps[{i}].{spec.type}"
+
+        def step_progress(fraction: float, message: str, i: int = i, stage: str = stage) -> None:
+            if progress is not None:
+                progress((i + min(max(fraction, 0.0), 1.0)) / n, stage, message)
+
+        step_progress(0.0, f"starting {spec.type}")
+        ctx = StepContext(index=i, datasets=datasets or {}, threads=threads, workdir=workdir, progress=step_progress)
+        started = time.perf_counter()
+        report = pass_for(spec).apply(model, spec, ctx)
+        report = {"index": i, "stage": stage, **report, "seconds": round(time.perf_counter() - started, 4)}
+        reports.append(report)
+        step_progress(1.0, f"{spec.type} done")
+        if on_step_done is not None:
+            on_step_done(report)
+    return reports

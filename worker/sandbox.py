@@ -1,0 +1,293 @@
+"""Entry point of the untrusted side: `python -I -m worker.sandbox JOBDIR`.
+
+Runs with an empty environment inside the supervisor's limits. Reads JOBDIR/job.json, loads the model,
+evaluates it, applies the recipe, writes the result in each output format plus report.json to
+JOBDIR/out/, and speaks JSON lines on stdout (the protocol channel):
+
+  {"type": "progress", "progress": 0..1, "stage": str, "message": str}
+  {"type": "event", "name": "step_done", "data": {...step report...}}
+  {"type": "result", "metrics": {...}, "artifacts": [{name, format, path}], "engine_seconds": float}
+  {"type": "error", "code": str, "message": str}
+
+Exit status: 0 success, 2 a user-side failure (bad_model, bad_dataset, no_effect, unsupported),
+1 an internal error (code "internal"; the traceback goes to stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+# Progress fraction at the start of each stage; a stage reports within [start, next start).
+_STAGE_SPAN = {"load": (0.0, 0.05), "evaluate_original": (0.05, 0.25), "steps": (0.25, 0.6),
+               "write": (0.6, 0.75), "evaluate_result": (0.75, 0.98), "report": (0.98, 1.0)}
+_ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip"}
+
+
+def take_protocol_channel() -> IO[str]:
+    """Keep a private copy of fd 1 for protocol lines and point fd 1 at stderr.
+
+    Done before anything else runs, so a print() in user model code (or a library) lands on stderr and
+    can never forge a protocol line.
+    """
+    sys.stdout.flush()
+    private = os.dup(1)  # os.dup makes a non-inheritable fd: child processes do not get the channel
+    os.dup2(2, 1)
+    return os.fdopen(private, "w", encoding="utf-8", buffering=1)
+
+
+class Channel:
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(_finite(message), allow_nan=False, default=str) + "\n")
+        self.stream.flush()
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        key = "steps" if stage.startswith("steps[") else stage
+        start, end = _STAGE_SPAN[key]
+        value = start + (end - start) * min(max(fraction, 0.0), 1.0)
+        self.send({"type": "progress", "progress": round(value, 4), "stage": stage, "message": message})
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (a diverged model's outputs) become null: JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def blame(code: str, what: str) -> Iterator[None]:
+    """Turn any failure inside into EngineError(code): for code paths that run the user's model or data."""
+    from worker.engine.errors import EngineError
+
+    try:
+        yield
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(code, f"{what}: {type(exc).__name__}: {str(exc)[:2000]}") from exc
+
+
+def _inside(root: Path, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise ValueError(f"job.json path {rel!r} is outside the job directory")
+    return path
+
+
+class Job:
+    def __init__(self, jobdir: Path, channel: Channel):
+        self.jobdir = jobdir.resolve()
+        self.channel = channel
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, message: str = "") -> Iterator[None]:
+        self.channel.progress(name, 0.0, message or name)
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 4)
+
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        from app.recipes import NATIVE_RUNTIME, Recipe
+        from worker.engine import metrics
+        from worker.engine.datasets import arrange, load_dataset, synthetic_inputs
+        from worker.engine.errors import EngineError
+        from worker.engine.formats import get_format
+        from worker.engine.pipeline import run_steps
+
+        started = time.perf_counter()
+        spec = json.loads((self.jobdir / "job.json").read_text(encoding="utf-8"))
+        recipe = Recipe.model_validate(spec["recipe"])
+        in_format = spec["model"]["format"]
+        outputs: list[str] = list(spec.get("outputs") or recipe.outputs or [in_format])
+        threads = max(1, int(spec.get("threads") or 1))
+        torch.set_num_threads(threads)
+        # Not set_num_interop_threads(1): measured here, it made a 0.1 ms b32 MLP call take 24 ms.
+        torch.manual_seed(0)
+        out_dir = self.jobdir / "out"
+        out_dir.mkdir(exist_ok=True)
+        work = self.jobdir / "work"
+        work.mkdir(exist_ok=True)
+        fmt = get_format(in_format)
+        ev = recipe.evaluate
+
+        with self.stage("load", f"loading the {in_format} model"):
+            model_path = _inside(self.jobdir, spec["model"]["path"])
+            model = fmt.load(model_path, work)
+            datasets = {name: load_dataset(_inside(self.jobdir, rel), name)
+                        for name, rel in (spec.get("datasets") or {}).items() if rel}
+
+        with self.stage("evaluate_original", "measuring the original model"):
+            specs = fmt.input_specs(model)
+            data = datasets.get(ev.dataset)
+            labels = None
+            if data is not None:
+                inputs = [a[: ev.max_samples] for a in arrange(data, specs)]
+                labels = None if data.labels is None else data.labels[: ev.max_samples]
+            else:
+                inputs = synthetic_inputs(specs, fmt.example_inputs(model), max(ev.batch_sizes))
+                if inputs is None:
+                    raise EngineError("bad_dataset", f"no {ev.dataset!r} dataset was given and the model's input "
+                                                     "shapes are unknown: upload an eval dataset (or, for a package, "
+                                                     "example_inputs.safetensors)")
+                self.notes.append(f"no {ev.dataset!r} dataset: accuracy and agreement are not measured; latency "
+                                  "and output similarity use random inputs of the model's shapes")
+            examples = fmt.example_inputs(model) or [a[:2] for a in inputs]
+            original, reference = self.measure(model, model_path, ev, ev.runtimes or [NATIVE_RUNTIME[in_format]],
+                                               inputs, labels, threads, "original", blame_code="bad_model")
+            layers_before = metrics.layer_sparsity(model)
+
+        def on_progress(fraction: float, stage: str, message: str) -> None:
+            self.channel.progress(stage, fraction, message)
+
+        def on_step(report: dict) -> None:
+            self.channel.send({"type": "event", "name": "step_done", "data": report})
+
+        with self.stage("steps", "applying the recipe"):
+            step_reports = run_steps(model, recipe, datasets=datasets, threads=threads, workdir=work,
+                                     progress=on_progress, on_step_done=on_step)
+
+        with self.stage("write", "writing artifacts"):
+            artifacts = []
+            for i, target in enumerate(outputs):
+                name = _ARTIFACT_NAMES[target]
+                self.notes += fmt.export(model, target, out_dir / name, examples)
+                artifacts.append({"name": name, "format": target, "path": name})
+                self.channel.progress("write", (i + 1) / len(outputs), f"wrote {name}")
+
+        with self.stage("evaluate_result", "measuring the result re-loaded from disk"):
+            wanted = ev.runtimes or [NATIVE_RUNTIME[outputs[0]]]
+            compressed: dict[str, Any] | None = None
+            result_outputs = None
+            first_model = None
+            for art in artifacts:
+                afmt = get_format(art["format"])
+                runtimes = [rt for rt in wanted if rt in afmt.runtimes]
+                if compressed is not None:
+                    runtimes = [rt for rt in runtimes if rt not in compressed["latency_ms"]]
+                    if not runtimes:
+                        continue
+                loaded = afmt.load(out_dir / art["path"], work)
+                side, outs = self.measure(loaded, out_dir / art["path"], ev, runtimes, inputs, labels, threads,
+                                          f"result ({art['name']})", blame_code=None)
+                if compressed is None:
+                    compressed, result_outputs, first_model = side, outs, loaded
+                else:
+                    compressed["latency_ms"].update(side["latency_ms"])
+            fid = metrics.fidelity(reference, result_outputs)
+            if data is None:
+                fid["agreement"] = None
+            compressed.update(fid)
+            layers_after = metrics.layer_sparsity(first_model)
+
+        in_memory_after = {layer["name"]: layer["sparsity_after"] for r in step_reports for layer in r.get("layers", [])}
+        layers = [{"name": name, "shape": info["shape"], "sparsity_before": info["sparsity"],
+                   "sparsity_after": layers_after.get(name, {}).get("sparsity", in_memory_after.get(name))}
+                  for name, info in layers_before.items()]
+        result_metrics = {"original": original, "compressed": compressed,
+                          "ratios": metrics.ratios(original, compressed), "layers": layers}
+
+        self.channel.progress("report", 0.0, "writing report.json")
+        engine_seconds = round(time.perf_counter() - started, 4)
+        report = {
+            "job_id": spec.get("job_id"),
+            "model": {"format": in_format, "path": spec["model"]["path"]},
+            "recipe": recipe.model_dump(mode="json"),
+            "outputs": outputs,
+            "metrics": result_metrics,
+            "steps": step_reports,
+            "layers": layers,
+            "timings": self.timings,
+            "engine_seconds": engine_seconds,
+            "notes": self.notes,
+            "environment": _environment(threads),
+        }
+        (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str), encoding="utf-8")
+        artifacts.append({"name": "report.json", "format": "json", "path": "report.json"})
+        self.channel.progress("report", 1.0, "done")
+        return {"type": "result", "metrics": result_metrics, "artifacts": artifacts, "engine_seconds": engine_seconds}
+
+    def measure(self, model, path: Path, ev, runtimes: list[str], inputs, labels, threads: int, label: str,
+                blame_code: str | None):
+        """Stats, latency on each runtime the format has, and outputs on `inputs` (for accuracy and fidelity)."""
+        from worker.engine import metrics
+        from worker.engine.formats import get_format
+
+        fmt = get_format(model.format)
+        stats = metrics.model_stats(model, path)
+        runnable = [rt for rt in runtimes if rt in fmt.runtimes] or [fmt.runtimes[0]]
+        guard = blame(blame_code, f"the {label} model failed to run on the evaluation inputs") if blame_code \
+            else contextlib.nullcontext()
+        fixed = fmt.fixed_batch(model)
+        latency: dict[str, Any] = {}
+        outputs = None
+        with guard:
+            for rt in runnable:
+                run = fmt.runner(model, rt, threads)
+                if outputs is None:
+                    outputs = metrics.predict(run, inputs, fixed)
+                if rt in runtimes:
+                    latency[rt] = metrics.latency(run, inputs, ev.batch_sizes, ev.warmup, ev.repeats, fixed,
+                                                  self.notes, f"{label} on {rt}")
+        stats["latency_ms"] = latency
+        stats["accuracy"] = metrics.accuracy(outputs, labels)
+        return stats, outputs
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "threads": threads, "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    channel = Channel(take_protocol_channel())
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        channel.send({"type": "error", "code": "internal", "message": "usage: python -m worker.sandbox JOBDIR"})
+        return 1
+    try:
+        from worker.engine.errors import EngineError
+    except BaseException as exc:  # noqa: BLE001  (a broken install must still answer on the channel)
+        traceback.print_exc()
+        channel.send({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    try:
+        result = Job(Path(argv[0]), channel).run()
+    except EngineError as exc:
+        channel.send({"type": "error", "code": exc.code, "message": exc.message})
+        return 2
+    except BaseException as exc:  # noqa: BLE001  (user code may raise SystemExit; report it, don't vanish)
+        traceback.print_exc()
+        channel.send({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+        return 1
+    channel.send(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
