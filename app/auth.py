@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import get_db, new_id
+from app.config import get_settings
+from app.db import get_read_db, new_id
 from app.errors import APIError
 from app.models import ApiKey, Team
 
@@ -65,17 +67,36 @@ def ensure_bootstrap_admin(db: Session, key: str, team_name: str) -> None:
     db.commit()
 
 
-def authenticate(request: Request, db: Session = Depends(get_db)) -> Principal:
+_cache: dict[str, tuple[Principal, float]] = {}
+
+
+def forget_key(key_id: str) -> None:
+    """Drops a revoked key from this process's cache so the revocation applies at once."""
+    for digest, (principal, _) in list(_cache.items()):
+        if principal.key_id == key_id:
+            _cache.pop(digest, None)
+
+
+def authenticate(request: Request, db: Session = Depends(get_read_db)) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
     digest = hash_key(token.strip())
-    row = db.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    # The lookup is by digest (no secret-dependent timing); compare_digest keeps the final check constant-time.
-    if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
-        raise APIError(401, "unauthorized", "invalid or revoked API key")
-    principal = Principal(key_id=row.id, team_id=row.team_id, team=row.team.name, is_admin=row.is_admin)
+    cached = _cache.get(digest)
+    if cached is not None and cached[1] > time.monotonic():
+        principal = cached[0]
+    else:
+        row = db.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+        # The lookup is by digest (no secret-dependent timing); compare_digest keeps the check constant-time.
+        if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
+            raise APIError(401, "unauthorized", "invalid or revoked API key")
+        principal = Principal(key_id=row.id, team_id=row.team_id, team=row.team.name, is_admin=row.is_admin)
+        ttl = get_settings().auth_cache_ttl_s
+        if ttl > 0:
+            if len(_cache) > 10_000:
+                _cache.clear()
+            _cache[digest] = (principal, time.monotonic() + ttl)
     request.state.principal = principal
     return principal
 

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 
+    # Resolved API keys are cached per process for this long (0: off); a revocation through this
+    # process's API applies at once, one made elsewhere (another replica, the CLI) within the TTL.
+    auth_cache_ttl_s: float = Field(5.0, ge=0)
+
     queue_default: str = "cpu"
     worker_concurrency: int = Field(2, ge=1)
     host: str = "127.0.0.1"

@@ -67,7 +67,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=False, pool_size=10, max_overflow=20)
 
 
 @lru_cache
@@ -78,6 +78,12 @@ def get_engine() -> Engine:
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@lru_cache
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    # Autocommit: a read is one round trip, without the BEGIN and ROLLBACK a transaction costs.
+    return sessionmaker(get_engine().execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 
 @contextmanager
@@ -96,6 +102,15 @@ def session_scope() -> Iterator[Session]:
 def get_db() -> Iterator[Session]:
     """FastAPI dependency: one session per request, committed by the route's service call."""
     session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_read_db() -> Iterator[Session]:
+    """FastAPI dependency for routes that only read (the polling paths)."""
+    session = get_read_sessionmaker()()
     try:
         yield session
     finally:

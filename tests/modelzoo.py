@@ -145,3 +145,24 @@ def write_npz(path: Path | str, inputs: np.ndarray | dict[str, np.ndarray], labe
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a str path without it
         np.savez(f, **arrays)
     return path
+
+
+def write_examples(folder: Path | str) -> dict[str, Path]:
+    """Trains the digits MLP and writes it in every input format, plus an eval dataset (README walk-through)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, _, x_test, y_test = digits_split()
+    mlp = train_mlp()
+    return {
+        "pt2": export_pt2(mlp, x_test, folder / "mlp.pt2"),
+        "onnx": export_onnx(mlp, x_test, folder / "mlp.onnx"),
+        "package": write_package(mlp, folder / "mlp.zip", MLP_SOURCE),
+        "eval": write_npz(folder / "eval.npz", x_test, y_test),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    for kind, written in write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples").items():
+        print(f"{kind:8s} {written}")

@@ -80,11 +80,13 @@ def backend_env(backend: Backend, data_dir: Path, **extra: str) -> dict[str, str
 
 
 def reset_caches() -> None:
-    from app import config, db, queue
+    from app import auth, config, db, queue
 
     config.get_settings.cache_clear()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
+    db.get_read_sessionmaker.cache_clear()
+    auth._cache.clear()
     queue._sender.cache_clear()
 
 
@@ -110,12 +112,12 @@ class Stack:
     def _log(self, name: str):
         return open(self.log_dir / f"{name}.log", "ab")
 
-    def start_api(self) -> None:
+    def start_api(self, processes: int = 1) -> None:
         subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, check=True, cwd=ROOT,
                        capture_output=True)
         self.api_proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"], env=self.env, cwd=ROOT,
+             "--port", str(self.port), "--log-level", "warning", "--workers", str(processes)], env=self.env, cwd=ROOT,
             stdout=self._log("api"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

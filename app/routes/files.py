@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate
 from app.config import get_settings
-from app.db import get_db
+from app.db import get_db, get_read_db
 from app.models import Dataset, Model
 from app.schemas import FileOut, ModelPage, error_responses, file_out
 from app.services import files
@@ -42,13 +42,13 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
 
     @router.get("", response_model=ModelPage)
     def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
-              db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> ModelPage:
+              db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> ModelPage:
         rows, more = files.list_owned(db, principal, row_type, limit, after)
         return ModelPage(data=[file_out(r, kind) for r in rows], has_more=more,
                          next=rows[-1].id if more else None)
 
     @router.get("/{ident}", response_model=FileOut, responses=error_responses(404))
-    def show(ident: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> FileOut:
+    def show(ident: str, db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> FileOut:
         return file_out(files.get_owned(db, principal, row_type, ident), kind)
 
     @router.delete("/{ident}", status_code=204, responses=error_responses(404))
@@ -57,7 +57,7 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
 
     @router.get("/{ident}/file", responses={200: {"content": {"application/octet-stream": {}}},
                                            **error_responses(404)})
-    def download(ident: str, request: Request, db: Session = Depends(get_db),
+    def download(ident: str, request: Request, db: Session = Depends(get_read_db),
                  principal: Principal = Depends(authenticate)) -> Response:
         row = files.get_owned(db, principal, row_type, ident)
         return download_response(request, files.blob_path(make_store(), row.sha256), row.sha256, row.name)

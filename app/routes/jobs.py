@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate
 from app.config import get_settings
-from app.db import get_db, get_sessionmaker
+from app.db import get_db, get_read_db, get_read_sessionmaker
 from app.models import TERMINAL_STATUSES, Job
 from app.routes.files import download_response
 from app.schemas import EventList, EventOut, JobCreate, JobOut, JobPage, error_responses, job_out
@@ -37,14 +37,15 @@ def create(body: JobCreate, response: Response, db: Session = Depends(get_db),
 @router.get("", response_model=JobPage, responses=error_responses(422))
 def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
           status: JobStatus | None = None, model_id: str | None = Query(None, max_length=40),
-          db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobPage:
+          db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> JobPage:
     rows, more = jobs.list_jobs(db, principal, limit, after, status, model_id)
     return JobPage(data=[job_out(j) for j in rows], has_more=more, next=rows[-1].id if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def show(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobOut:
-    return job_out(jobs.get_job(db, principal, job_id))
+def show(job_id: str, db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> Response:
+    # The polling hot path: serialise once here rather than have FastAPI validate the model again.
+    return Response(job_out(jobs.get_job(db, principal, job_id)).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
@@ -60,7 +61,7 @@ def _event_out(e) -> EventOut:
             responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)})
 async def events(job_id: str, request: Request, after: int = Query(0, ge=0), stream: bool = False,
                  last_event_id: str | None = Header(None, max_length=20),
-                 db: Session = Depends(get_db), principal: Principal = Depends(authenticate)):
+                 db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)):
     if last_event_id and last_event_id.isdigit():
         after = max(after, int(last_event_id))
     first = await run_in_threadpool(jobs.list_events, db, principal, job_id, after)
@@ -87,19 +88,19 @@ async def events(job_id: str, request: Request, after: int = Query(0, ge=0), str
 
 
 def _status(job_id: str) -> str | None:
-    with get_sessionmaker()() as db:
+    with get_read_sessionmaker()() as db:
         job = db.get(Job, job_id)
         return job.status if job else None
 
 
 def _events_since(principal: Principal, job_id: str, cursor: int):
-    with get_sessionmaker()() as db:
+    with get_read_sessionmaker()() as db:
         return jobs.list_events(db, principal, job_id, cursor)
 
 
 @router.get("/{job_id}/artifacts/{name}", responses={200: {"content": {"application/octet-stream": {}}},
                                                     **error_responses(404)})
-def artifact(job_id: str, name: str, request: Request, db: Session = Depends(get_db),
+def artifact(job_id: str, name: str, request: Request, db: Session = Depends(get_read_db),
              principal: Principal = Depends(authenticate)) -> Response:
     art = jobs.get_artifact(db, principal, job_id, name)
     return download_response(request, files.blob_path(make_store(), art.sha256), art.sha256, art.name)

@@ -2,7 +2,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.auth import Principal, create_key, require_admin
+from app.auth import Principal, create_key, forget_key, require_admin
 from app.db import get_db, utcnow
 from app.errors import not_found
 from app.models import ApiKey
@@ -36,3 +36,4 @@ def revoke(key_id: str, db: Session = Depends(get_db), _: Principal = Depends(re
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         db.commit()
+    forget_key(row.id)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app import queue
 from app.auth import Principal
@@ -97,7 +97,7 @@ def _replay(job: Job, request_hash: str) -> Job:
 
 
 def get_job(db: Session, principal: Principal, job_id: str) -> Job:
-    job = db.get(Job, job_id)
+    job = db.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query: the hot polling path
     if job is None or job.team_id != principal.team_id:
         raise not_found("job", job_id)
     return job

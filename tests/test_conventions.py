@@ -1,0 +1,54 @@
+"""House rules from DESIGN.md kept true by tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+from tests.stack import ROOT
+
+
+def test_api_starts_without_torch_or_worker():
+    code = ("import sys; from app.main import create_app; create_app(); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'worker', 'onnx', 'onnxruntime')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_step_spec_has_a_registered_pass():
+    from app.recipes import STEP_SPECS, Step
+    from worker.engine.passes import PASSES
+
+    union = get_args(get_args(Step)[0]) or (get_args(Step)[0],)
+    assert set(STEP_SPECS) == set(union)
+    assert set(STEP_SPECS) == set(PASSES)
+
+
+def test_every_model_format_has_an_engine_format():
+    from app.recipes import OUTPUTS_BY_INPUT
+    from worker.engine.formats import registered_formats
+
+    assert set(OUTPUTS_BY_INPUT) == set(registered_formats())
+
+
+def test_settings_read_only_in_config():
+    offenders = []
+    for path in [*Path(ROOT, "app").rglob("*.py"), *Path(ROOT, "worker").rglob("*.py")]:
+        if path.name == "config.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"os\.environ(\[|\.get)|os\.getenv", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not offenders
+
+
+def test_every_route_documents_its_errors():
+    from app.main import create_app
+
+    schema = create_app().openapi()
+    missing = [f"{method.upper()} {path}" for path, ops in schema["paths"].items() for method, op in ops.items()
+               if path.startswith("/v1/") and not any(code.startswith(("4", "5")) for code in op["responses"])]
+    assert not missing
