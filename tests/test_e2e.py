@@ -290,3 +290,27 @@ def test_malicious_pt2_refused_at_upload(api, digits_files, tmp_path):
     assert r.json()["error"]["code"] == "unsafe_pickle"
     assert not marker.exists()
     assert api.get("/v1/models").json()["data"] == []
+
+
+def test_sandbox_limits_fail_the_job_and_the_worker_keeps_serving(stack_factory, digits_files, tmp_path):
+    stack = stack_factory("sqlite", **FAST_REAPER, SQUEEZE_JOB_TIMEOUT_S="6",
+                          SQUEEZE_SANDBOX_MEMORY_BYTES=str(3 * 1024**3))
+    stack.start_api()
+    stack.start_worker(concurrency=1)
+    client, slow_id = _slow_job(stack, digits_files, "very_slow_package")
+    hog_source = modelzoo.MLP_SOURCE.replace(
+        "def build_model():\n", "def build_model():\n    hog = bytearray(8 * 1024**3)\n")
+    hog = modelzoo.write_package(modelzoo.build_from_source(modelzoo.MLP_SOURCE), tmp_path / "hog.zip", hog_source)
+    hog_model = upload(client, "models", hog)
+    hog_id = client.post("/v1/jobs", json={"model_id": hog_model["id"], "recipe": "prune-50"}).json()["id"]
+    timed_out = wait_for(client, slow_id, timeout=60)
+    assert timed_out["status"] == "failed" and timed_out["error"]["code"] == "timeout"
+    assert not _sandboxes(slow_id)
+    hogged = wait_for(client, hog_id, timeout=60)
+    assert hogged["status"] == "failed" and hogged["error"]["code"] == "resource_limit", hogged["error"]
+    ok_model = upload(client, "models", digits_files["package"])
+    eval_ds = upload(client, "datasets", digits_files["eval"])
+    ok = client.post("/v1/jobs", json={"model_id": ok_model["id"], "recipe": "prune-50",
+                                       "datasets": {"eval": eval_ds["id"]}}).json()
+    done = wait_for(client, ok["id"], timeout=60)
+    assert done["status"] == "succeeded", done["error"]

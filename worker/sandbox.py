@@ -264,6 +264,15 @@ def _environment(threads: int) -> dict[str, Any]:
             "threads": threads, "torch_threads": torch.get_num_threads()}
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, kind):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     channel = Channel(take_protocol_channel())
     argv = sys.argv[1:] if argv is None else argv
@@ -279,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = Job(Path(argv[0]), channel).run()
     except EngineError as exc:
-        channel.send({"type": "error", "code": exc.code, "message": exc.message})
+        # Out of memory under the sandbox's limit is the limit's doing, whichever step ran into it.
+        code = "resource_limit" if _caused_by(exc, MemoryError) else exc.code
+        channel.send({"type": "error", "code": code, "message": exc.message})
+        return 2
+    except MemoryError:
+        channel.send({"type": "error", "code": "resource_limit", "message": "out of memory under the sandbox limit"})
         return 2
     except BaseException as exc:  # noqa: BLE001  (user code may raise SystemExit; report it, don't vanish)
         traceback.print_exc()
