@@ -20,7 +20,7 @@ cli = typer.Typer(help="Squeeze: a self-hosted model-compression server.", no_ar
 keys_cli = typer.Typer(help="API keys of teams (direct database access; run on the server host).",
                        no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
-console = Console()
+console = Console(soft_wrap=True)  # keys and URLs must stay copyable on one line
 
 
 def migrate() -> None:

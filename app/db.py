@@ -101,17 +101,11 @@ def session_scope() -> Iterator[Session]:
 
 def get_db() -> Iterator[Session]:
     """FastAPI dependency: one session per request, committed by the route's service call."""
-    session = get_sessionmaker()()
-    try:
+    with get_sessionmaker()() as session:
         yield session
-    finally:
-        session.close()
 
 
 def get_read_db() -> Iterator[Session]:
     """FastAPI dependency for routes that only read (the polling paths)."""
-    session = get_read_sessionmaker()()
-    try:
+    with get_read_sessionmaker()() as session:
         yield session
-    finally:
-        session.close()

@@ -35,8 +35,9 @@ class ApiKey(Base):
     team: Mapped[Team] = relationship(lazy="joined")
 
 
-class Model(Base):
-    __tablename__ = "models"
+class UploadedFile:
+    """Columns shared by uploaded models and datasets: a team's named pointer to a stored blob."""
+
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
@@ -49,17 +50,12 @@ class Model(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class Dataset(Base):
+class Model(UploadedFile, Base):
+    __tablename__ = "models"
+
+
+class Dataset(UploadedFile, Base):
     __tablename__ = "datasets"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str] = mapped_column(String(20))
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Job(Base):

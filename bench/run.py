@@ -34,6 +34,31 @@ def environment() -> dict:
             platform.machine(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
 
 
+TARGETS = {  # issue 2's targets, checked against the measured figures in RESULTS.md
+    "upload_1gib": ("median_mib_per_s >= 300 and max_rss_growth_mib <= 64",
+                    lambda r: r["median_mib_per_s"] >= 300 and r["max_rss_growth_mib"] <= 64),
+    "submit_to_running": ("p50_ms <= 100 on Redis", lambda r: r["p50_ms"] <= 100),
+    "get_job": ("req_per_s >= 500", lambda r: r["req_per_s"] >= 500),
+}
+
+
+def render(results: dict[str, dict]) -> str:
+    """bench/RESULTS.md, written from the JSON results only (never by hand)."""
+    lines = ["# Benchmark results", "", "Written by `make bench` from `bench/results/*.json`; do not edit by hand.", ""]
+    for name, result in sorted(results.items()):
+        env = result["environment"]
+        lines += [f"## {name}", "", f"Command: `{result['command']}` ({result['seconds']} s, {env['date']}, "
+                  f"{env['cores']} cores, torch {env['torch']}, Python {env['python']})", "",
+                  "| benchmark | figures | target | met |", "|---|---|---|---|"]
+        for key, figures in result["results"].items():
+            summary = {k: v for k, v in figures.items() if not isinstance(v, list)}
+            target, check = TARGETS.get(key, ("", None))
+            met = "" if check is None else ("yes" if check(figures) else "**no**")
+            lines.append(f"| {key} | {', '.join(f'{k}={v}' for k, v in summary.items())} | {target} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     names = argv or list(SUITES)
     RESULTS.mkdir(exist_ok=True)
@@ -45,6 +70,8 @@ def main(argv: list[str]) -> None:
             result["seconds"] = round(time.time() - started, 1)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
+    everything = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+    (RESULTS.parent / "RESULTS.md").write_text(render(everything))
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
     error: dict[str, Any] | None = None
     progress, stage_name = 0.0, "starting"
     events: list[tuple[str, str | None, dict[str, Any]]] = [
-        ("sandbox", "sandbox started", {"isolation": isolation.describe(limits=_limits(settings))})]
+        ("sandbox", "sandbox started", {"isolation": getattr(proc, "isolation", None)})]
     next_beat, eof = 0.0, False
     while True:
         try:
