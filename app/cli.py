@@ -121,7 +121,9 @@ def keys_list() -> None:
     from app.db import session_scope
     from app.models import ApiKey
 
-    table = Table("id", "team", "name", "prefix", "admin", "revoked")
+    table = Table()
+    for column in ("id", "team", "name", "prefix", "admin", "revoked"):
+        table.add_column(column, no_wrap=column in ("id", "prefix"), overflow="fold")
     with session_scope() as db:
         for r in db.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             table.add_row(r.id, r.team.name, r.name, r.prefix, str(r.is_admin), str(r.revoked_at or ""))
