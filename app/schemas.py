@@ -67,12 +67,6 @@ class ModelPage(Page):
     data: list[FileOut]
 
 
-class WebhookSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(..., max_length=2048)
-    events: list[Literal["started", "progress", "completed"]] = ["completed"]
-
-
 class JobDatasets(BaseModel):
     model_config = ConfigDict(extra="forbid")
     calibration: str | None = None
@@ -85,7 +79,6 @@ class JobCreate(BaseModel):
     model_id: str = Field(..., max_length=40)
     recipe: dict[str, Any] | str = Field(..., description="A recipe object or a preset name.")
     datasets: JobDatasets = Field(default_factory=JobDatasets)
-    webhook: WebhookSpec | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

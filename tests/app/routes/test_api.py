@@ -203,3 +203,13 @@ def test_unknown_route_and_bad_json(api):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = api.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_fields_not_supported_yet_are_refused_not_ignored(api):
+    model = upload_model(api, tiny_onnx()).json()
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50",
+                                   "webhook": {"url": "https://example.com/hook"}})
+    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "webhook"
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
+                                                                       "guard": {"max_accuracy_drop": 0.01}}})
+    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "recipe.guard"
