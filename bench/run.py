@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import service
+from bench import compression, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -24,6 +24,7 @@ SUITES = {
         "job_overhead_sqlite": service.bench_job_overhead(work, "sqlite"),
         "job_overhead_postgres_redis": service.bench_job_overhead(work, "postgres"),
     },
+    "compression": lambda work: compression.bench_compression(work),
 }
 
 
@@ -39,6 +40,15 @@ TARGETS = {  # issue 2's targets, checked against the measured figures in RESULT
                     lambda r: r["median_mib_per_s"] >= 300 and r["max_rss_growth_mib"] <= 64),
     "submit_to_running": ("p50_ms <= 100 on Redis", lambda r: r["p50_ms"] <= 100),
     "get_job": ("req_per_s >= 500", lambda r: r["req_per_s"] >= 500),
+    "resnet_slim50_finetune3": ("macs_ratio >= 3.5, speed-up >= 2.5x at b32, accuracy drop <= 1 point",
+                                lambda r: r.get("macs_ratio", 0) >= 3.5 and r.get("speedup_torch_b32", 0) >= 2.5
+                                and r.get("accuracy_drop", 1) <= 0.01),
+    "cnn_unstructured80_finetune3": ("safetensors >= 2.5x smaller than fp32, drop <= 1 point, flags no_speedup",
+                                     lambda r: r.get("safetensors_size_ratio", 0) >= 2.5
+                                     and r.get("accuracy_drop", 1) <= 0.01
+                                     and "no_speedup" in r.get("flags", [])),
+    "resnet_palette16": ("safetensors >= 6x smaller, accuracy drop <= 0.5 point",
+                         lambda r: r.get("size_ratio", 0) >= 6 and r.get("accuracy_drop", 1) <= 0.005),
 }
 
 
@@ -51,7 +61,8 @@ def render(results: dict[str, dict]) -> str:
                   f"{env['cores']} cores, torch {env['torch']}, Python {env['python']})", "",
                   "| benchmark | figures | target | met |", "|---|---|---|---|"]
         for key, figures in result["results"].items():
-            summary = {k: v for k, v in figures.items() if not isinstance(v, list)}
+            summary = {k: ("/".join(v) or "-") if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+                       for k, v in figures.items() if not (isinstance(v, (list, dict)) and k != "flags")}
             target, check = TARGETS.get(key, ("", None))
             met = "" if check is None else ("yes" if check(figures) else "**no**")
             lines.append(f"| {key} | {', '.join(f'{k}={v}' for k, v in summary.items())} | {target} | {met} |")

@@ -166,3 +166,61 @@ if __name__ == "__main__":
 
     for kind, written in write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples").items():
         print(f"{kind:8s} {written}")
+
+
+# A small ResNet (stem + 3 residual stages with batch norm, linear head) on digits upsampled to 16x16.
+# The residual adds and the 1x1 downsample shortcuts are what structural pruning must keep consistent.
+RESNET_SOURCE = '''\
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths=(24, 48, 96), classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.layer1 = Block(widths[0], widths[0], 1)
+        self.layer2 = Block(widths[0], widths[1], 2)
+        self.layer3 = Block(widths[1], widths[2], 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def build_model():
+    return ResNet()
+'''
+RESNET_SIZE = 16
+
+
+def as_resnet_input(x: np.ndarray) -> np.ndarray:
+    """(N, 64) -> (N, 1, 16, 16): the 8x8 digits upsampled bilinearly for the ResNet."""
+    t = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 1, 8, 8), dtype=np.float32))
+    up = nn.functional.interpolate(t, size=(RESNET_SIZE, RESNET_SIZE), mode="bilinear", align_corners=False)
+    return np.ascontiguousarray(up.numpy())
+
+
+def train_resnet(epochs: int = 4) -> nn.Module:
+    """The ResNet of RESNET_SOURCE on (N, 1, 16, 16) digits (hold-out accuracy > 0.95)."""
+    torch.manual_seed(SEED)
+    x, y, _, _ = digits_split()
+    return _train(build_from_source(RESNET_SOURCE), as_resnet_input(x), y, epochs)

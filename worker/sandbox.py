@@ -29,7 +29,8 @@ from typing import IO, Any, Iterator
 # Progress fraction at the start of each stage; a stage reports within [start, next start).
 _STAGE_SPAN = {"load": (0.0, 0.05), "evaluate_original": (0.05, 0.25), "steps": (0.25, 0.6),
                "write": (0.6, 0.75), "evaluate_result": (0.75, 0.98), "report": (0.98, 1.0)}
-_ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip"}
+_ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip",
+                   "safetensors": "model.safetensors"}
 
 
 def take_protocol_channel() -> IO[str]:
@@ -170,23 +171,40 @@ class Job:
             artifacts = []
             for i, target in enumerate(outputs):
                 name = _ARTIFACT_NAMES[target]
-                self.notes += fmt.export(model, target, out_dir / name, examples)
+                if target == "safetensors":  # compact storage of the parameters; checked to restore exactly
+                    from worker.engine.compact import write_model
+
+                    write_model(model, out_dir / name)
+                else:
+                    self.notes += fmt.export(model, target, out_dir / name, examples)
                 artifacts.append({"name": name, "format": target, "path": name})
                 self.channel.progress("write", (i + 1) / len(outputs), f"wrote {name}")
 
         with self.stage("evaluate_result", "measuring the result re-loaded from disk"):
-            wanted = ev.runtimes or [NATIVE_RUNTIME[outputs[0]]]
+            # A safetensors artifact runs as the input model with its weights: measured as the result only when
+            # it is the only output, else reported as an extra size (safetensors_size_bytes).
+            runnable_outputs = [o for o in outputs if o != "safetensors"]
+            wanted = ev.runtimes or [NATIVE_RUNTIME[(runnable_outputs or [in_format])[0]]]
+            compact_art = next((a for a in artifacts if a["format"] == "safetensors"), None)
             compressed: dict[str, Any] | None = None
             result_outputs = None
             first_model = None
             for art in artifacts:
-                afmt = get_format(art["format"])
+                if art["format"] == "safetensors" and runnable_outputs:
+                    continue
+                afmt = get_format(in_format if art["format"] == "safetensors" else art["format"])
                 runtimes = [rt for rt in wanted if rt in afmt.runtimes]
                 if compressed is not None:
                     runtimes = [rt for rt in runtimes if rt not in compressed["latency_ms"]]
                     if not runtimes:
                         continue
-                loaded = afmt.load(out_dir / art["path"], work)
+                if art["format"] == "safetensors":
+                    from worker.engine.compact import load_compact, restore_into
+
+                    loaded = afmt.load(model_path, work)  # the original again, with the stored weights put in
+                    restore_into(loaded, load_compact(out_dir / art["path"]))
+                else:
+                    loaded = afmt.load(out_dir / art["path"], work)
                 side, outs = self.measure(loaded, out_dir / art["path"], ev, runtimes, inputs, labels, threads,
                                           f"result ({art['name']})", blame_code=None)
                 if compressed is None:
@@ -198,13 +216,26 @@ class Job:
                 fid["agreement"] = None
             compressed.update(fid)
             layers_after = metrics.layer_sparsity(first_model)
+            if compact_art is not None:
+                compressed["safetensors_size_bytes"] = (out_dir / compact_art["path"]).stat().st_size
+                if not runnable_outputs:
+                    compressed["format"] = "safetensors"
 
         in_memory_after = {layer["name"]: layer["sparsity_after"] for r in step_reports for layer in r.get("layers", [])}
+        bits_after = {layer["name"]: layer["bits"] for r in step_reports for layer in r.get("layers", [])
+                      if "bits" in layer}  # the last step that touched a layer sets its bits per weight
+        shape_after = {layer["name"]: layer["shape_after"] for r in step_reports for layer in r.get("layers", [])
+                       if layer.get("shape_after")}  # channel pruning changes shapes
         layers = [{"name": name, "shape": info["shape"], "sparsity_before": info["sparsity"],
-                   "sparsity_after": layers_after.get(name, {}).get("sparsity", in_memory_after.get(name))}
+                   "sparsity_after": layers_after.get(name, {}).get("sparsity", in_memory_after.get(name)),
+                   "bits": bits_after.get(name), "shape_after": shape_after.get(name, info["shape"])}
                   for name, info in layers_before.items()]
         result_metrics = {"original": original, "compressed": compressed,
                           "ratios": metrics.ratios(original, compressed), "layers": layers}
+        if compact_art is not None:
+            result_metrics["ratios"]["safetensors_size"] = round(
+                original["size_bytes"] / compressed["safetensors_size_bytes"], 4)
+        result_metrics["flags"] = metrics.flags(result_metrics["ratios"], original, compressed)
 
         self.channel.progress("report", 0.0, "writing report.json")
         engine_seconds = round(time.perf_counter() - started, 4)
@@ -250,6 +281,7 @@ class Job:
                                                   self.notes, f"{label} on {rt}")
         stats["latency_ms"] = latency
         stats["accuracy"] = metrics.accuracy(outputs, labels)
+        stats["macs"] = metrics.macs(model, inputs)
         return stats, outputs
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Codes the sandbox reports with exit status 2 (the user's model, data or recipe, not our bug).
-USER_CODES = frozenset({"bad_model", "bad_dataset", "no_effect", "unsupported"})
+USER_CODES = frozenset({"bad_model", "bad_dataset", "no_effect", "unsupported", "unsupported_pattern", "diverged"})
 
 
 class EngineError(Exception):

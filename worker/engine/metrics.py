@@ -1,4 +1,4 @@
-"""Measurements of a model: size, parameters, sparsity, latency per runtime, accuracy and fidelity."""
+"""Measurements of a model: size, parameters, sparsity, MACs, latency per runtime, accuracy and fidelity."""
 
 from __future__ import annotations
 
@@ -107,10 +107,131 @@ def ratios(original: dict, compressed: dict) -> dict:
         if common:
             lat[rt] = common
     acc_o, acc_c = original.get("accuracy"), compressed.get("accuracy")
-    return {
+    out = {
         "size": div(original["size_bytes"], compressed["size_bytes"]),
         "params": div(original["params"], compressed["params"]),
         "nonzero_params": div(original["nonzero_params"], compressed["nonzero_params"]),
         "latency": lat,
         "accuracy_drop": round(acc_o - acc_c, 6) if acc_o is not None and acc_c is not None else None,
     }
+    if "macs" in original or "macs" in compressed:  # measured by the sandbox; None when it could not count
+        out["macs"] = div(original.get("macs"), compressed.get("macs"))
+    return out
+
+
+# A ratio under this is noise, not a gain: the report flags it so "compressed" never oversells.
+MEANINGFUL_GAIN = 1.05
+
+
+def flags(ratios_: dict, original: dict | None = None, compressed: dict | None = None) -> list[str]:
+    """Warnings about the result: `no_size_reduction` (no artifact, the compact safetensors included, is
+    1.05x smaller), `no_speedup` (no latency ratio, same runtime at any batch size, reaches 1.05 with the
+    result's p90 under the original's median: a gain inside the run-to-run noise is no gain)."""
+    out = []
+    sizes = [r for r in (ratios_.get("size"), ratios_.get("safetensors_size")) if r is not None]
+    if not any(r >= MEANINGFUL_GAIN for r in sizes):
+        out.append("no_size_reduction")
+
+    def clear_gain(runtime: str, batch: str, ratio: float | None) -> bool:
+        if ratio is None or ratio < MEANINGFUL_GAIN:
+            return False
+        if original is None or compressed is None:
+            return True
+        before = (original.get("latency_ms") or {}).get(runtime, {}).get(batch) or {}
+        after = (compressed.get("latency_ms") or {}).get(runtime, {}).get(batch) or {}
+        return after.get("p90") is None or before.get("median") is None or after["p90"] < before["median"]
+
+    if not any(clear_gain(rt, b, r) for rt, by_batch in (ratios_.get("latency") or {}).items()
+               for b, r in by_batch.items()):
+        out.append("no_speedup")
+    return out
+
+
+def macs(model: LoadedModel, inputs: list[np.ndarray] | None = None) -> int | None:
+    """Multiply-accumulates of one sample (batch 1; a fixed-batch model is counted at its batch and divided).
+
+    torch models: FlopCounterMode over one forward (flops / 2). ONNX: Conv/ConvTranspose/Gemm/MatMul from
+    shape inference with the batch dim set to 1. None when it cannot be counted (unknown input shapes, a
+    model that does not run on the given inputs, dynamic dims shape inference cannot resolve).
+    """
+    fmt = get_format(model.format)
+    try:
+        if model.format == "onnx":
+            return _onnx_macs(model.handle)
+        inputs = inputs or fmt.example_inputs(model)
+        if not inputs:
+            return None
+        batch = fmt.fixed_batch(model) or 1
+        return _torch_macs(_torch_callable(model), batch_inputs(inputs, batch)) // batch
+    except Exception:  # noqa: BLE001  (a count is a nice-to-have: never fail a job over it)
+        return None
+
+
+def _torch_callable(model: LoadedModel):
+    import torch
+
+    handle = model.handle
+    return handle.module() if isinstance(handle, torch.export.ExportedProgram) else handle
+
+
+def _torch_macs(module, inputs: list[np.ndarray]) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*args)
+    return int(counter.get_total_flops()) // 2
+
+
+def _onnx_macs(proto) -> int | None:
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    inits = {i.name: tuple(int(d) for d in i.dims) for i in graph.initializer}
+    for inp in graph.input:
+        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    batch = 1
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim if inp.name not in inits else []
+        if len(dims) and dims[0].HasField("dim_value"):
+            batch = max(1, int(dims[0].dim_value))
+            break
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, tuple[int, ...] | None] = dict(inits)
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+        else:
+            shapes.setdefault(vi.name, None)
+
+    def size(name: str) -> int:
+        shape = shapes.get(name)
+        if shape is None:
+            raise ValueError(f"unknown shape of {name!r}")
+        return int(np.prod(shape, dtype=np.int64))
+
+    total = 0
+    for node in model.graph.node:
+        op = node.op_type
+        if op == "Conv":  # each output element: Cin/groups * prod(kernel) MACs = prod(W.shape[1:])
+            total += size(node.output[0]) * int(np.prod(shapes[node.input[1]][1:]))
+        elif op == "ConvTranspose":  # each input element scatters into Cout/groups * prod(kernel)
+            total += size(node.input[0]) * int(np.prod(shapes[node.input[1]][1:]))
+        elif op == "Gemm":
+            a = shapes[node.input[0]]
+            trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+            total += size(node.output[0]) * (a[0] if trans_a else a[1])
+        elif op == "MatMul":
+            a = shapes[node.input[0]]
+            total += size(node.output[0]) * a[-1]
+    return total // batch

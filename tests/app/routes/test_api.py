@@ -213,3 +213,52 @@ def test_fields_not_supported_yet_are_refused_not_ignored(api):
     r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
                                                                        "guard": {"max_accuracy_drop": 0.01}}})
     assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "recipe.guard"
+
+
+def _package_zip() -> bytes:
+    import zipfile
+
+    from safetensors.numpy import save
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.py", "from torch import nn\n\ndef build_model():\n    return nn.Linear(4, 3)\n")
+        zf.writestr("weights.safetensors", save({"weight": np.zeros((3, 4), np.float32),
+                                                 "bias": np.zeros(3, np.float32)}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("recipe, fmt, field", [
+    ({"steps": [{"type": "prune", "sparsity": 1.0}]}, "onnx", "recipe.steps[0].sparsity"),
+    ({"steps": [{"type": "prune", "sparsity": -0.1}]}, "onnx", "recipe.steps[0].sparsity"),
+    ({"steps": [{"type": "prune", "pattern": "2:4", "sparsity": 0.3}]}, "onnx", "recipe.steps[0]"),
+    ({"steps": [{"type": "prune", "pattern": "3:7"}]}, "onnx", "recipe.steps[0].pattern"),
+    ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}]}, "onnx", "recipe.steps[0]"),
+    ({"steps": [{"type": "finetune"}]}, "onnx", "recipe.steps[0]"),
+    ({"steps": [{"type": "cluster", "clusters": 257}]}, "onnx", "recipe.steps[0].clusters"),
+    ({"steps": [{"type": "cluster", "clusters": 1}]}, "onnx", "recipe.steps[0].clusters"),
+    ({"steps": [{"type": "quantize"}]}, "onnx", "recipe.steps[0]"),
+    ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["package"]}, "package",
+     "recipe.outputs[0]"),
+    ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["onnx", "safetensors"]},
+     "package", "recipe.outputs[1]"),
+])
+def test_compression_recipes_refused_at_submit(api, recipe, fmt, field):
+    data = tiny_onnx() if fmt == "onnx" else _package_zip()
+    model = upload_model(api, data, name=f"m.{'onnx' if fmt == 'onnx' else 'zip'}").json()
+    assert model["format"] == fmt
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": recipe})
+    assert r.status_code == 422, r.text
+    fields = [e["field"] for e in r.json()["error"]["details"]["errors"]]
+    assert field in fields, fields
+
+
+def test_channel_prune_on_package_defaults_to_graph_outputs(api):
+    model = upload_model(api, _package_zip(), name="m.zip").json()
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "slim-50"})
+    assert r.status_code == 202 and r.json()["outputs"] == ["pt2", "onnx"]
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [
+        {"type": "prune", "method": "channel", "sparsity": 0.5}]}})
+    assert r.status_code == 202 and r.json()["outputs"] == ["pt2", "onnx"]
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "palette-16"})
+    assert r.status_code == 202 and r.json()["outputs"] == ["safetensors"]

@@ -92,6 +92,10 @@ class PackageFormat(ModelFormat):
         return LoadedModel(format=self.name, path=path, handle=net, extra={"folder": folder, "examples": examples})
 
     def save(self, model: LoadedModel, path: Path) -> None:
+        changed = model.extra.get("architecture_changed")
+        if changed:
+            raise EngineError("unsupported", f"{changed} changed the architecture, so the package's build_model() "
+                                             "no longer fits the weights: write pt2 or onnx instead")
         folder: Path = model.extra["folder"]
         # Clones: safetensors refuses tensors that share storage (tied weights).
         state = {k: v.detach().contiguous().clone() for k, v in model.handle.state_dict().items()}

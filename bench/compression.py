@@ -1,0 +1,112 @@
+"""Compression benchmarks: reference models trained on sklearn's digits, recipes run through the HTTP API
+of a running server (embedded default: SQLite + filesystem broker + one worker, one job at a time so
+latencies are not disturbed), one row per (model, recipe) with the measured ratios."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests import modelzoo
+from tests.stack import Stack, make_backend
+
+FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
+EVALUATE = {"batch_sizes": [1, 32], "repeats": 30, "warmup": 5}
+
+# name -> (model, recipe)
+CASES: dict[str, tuple[str, dict]] = {
+    "mlp_prune50": ("mlp", {"steps": [{"type": "prune", "sparsity": 0.5}], "outputs": ["pt2", "safetensors"]}),
+    "cnn_unstructured80_finetune3": ("cnn", {"steps": [{"type": "prune", "sparsity": 0.8}, FINETUNE_3],
+                                             "outputs": ["safetensors", "pt2"]}),
+    "cnn_2of4": ("cnn", {"steps": [{"type": "prune", "pattern": "2:4", "ignore": ["0.weight"]}],  # 1 input channel
+                         "outputs": ["pt2", "safetensors"]}),
+    "resnet_slim50_finetune3": ("resnet", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
+                                                      "importance": "l2", "round_to": 8}, FINETUNE_3],
+                                           "outputs": ["pt2", "onnx"]}),
+    "resnet_palette16": ("resnet", {"steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]}),
+}
+
+
+def _models(workdir: Path) -> dict[str, dict[str, Path]]:
+    x_train, y_train, x_test, y_test = modelzoo.digits_split()
+    out: dict[str, dict[str, Path]] = {}
+    mlp = modelzoo.train_mlp()
+    out["mlp"] = {"model": modelzoo.export_pt2(mlp, x_test, workdir / "mlp.pt2"),
+                  "train": modelzoo.write_npz(workdir / "mlp-train.npz", x_train, y_train),
+                  "eval": modelzoo.write_npz(workdir / "mlp-eval.npz", x_test, y_test)}
+    cnn = modelzoo.train_cnn()
+    out["cnn"] = {"model": modelzoo.write_package(cnn, workdir / "cnn.zip", modelzoo.CNN_SOURCE),
+                  "train": modelzoo.write_npz(workdir / "cnn-train.npz", modelzoo.as_images(x_train), y_train),
+                  "eval": modelzoo.write_npz(workdir / "cnn-eval.npz", modelzoo.as_images(x_test), y_test)}
+    resnet = modelzoo.train_resnet()
+    out["resnet"] = {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_SOURCE),
+                     "train": modelzoo.write_npz(workdir / "resnet-train.npz", modelzoo.as_resnet_input(x_train),
+                                                 y_train),
+                     "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test),
+                                                y_test)}
+    return out
+
+
+def _row(job: dict) -> dict:
+    m = job["metrics"]
+    o, c, r = m["original"], m["compressed"], m["ratios"]
+    latency = {}
+    for runtime, per_batch in (r.get("latency") or {}).items():
+        for batch, ratio in per_batch.items():
+            latency[f"speedup_{runtime}_b{batch}"] = ratio
+    sizes = {a["format"]: a["size_bytes"] for a in job["artifacts"]}
+    return {
+        "status": job["status"],
+        "original_bytes": o["size_bytes"],
+        **{f"{fmt}_bytes": size for fmt, size in sizes.items() if fmt != "json"},
+        "size_ratio": r.get("size"),
+        "safetensors_size_ratio": r.get("safetensors_size"),
+        "macs_ratio": r.get("macs"),
+        **latency,
+        "accuracy_before": o.get("accuracy"),
+        "accuracy_after": c.get("accuracy"),
+        "accuracy_drop": r.get("accuracy_drop"),
+        "agreement": c.get("agreement"),
+        "flags": m.get("flags", []),
+        "wall_s": job.get("wall_s"),
+    }
+
+
+def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
+    files = _models(workdir)
+    data_dir = workdir / "server"
+    data_dir.mkdir()
+    stack = Stack(make_backend("sqlite", data_dir), data_dir, workdir, SQUEEZE_SANDBOX_THREADS="2")
+    results = {}
+    try:
+        stack.start_api()
+        stack.start_worker(concurrency=1)
+        key = stack.admin.post("/v1/keys", json={"team": "bench"}).json()["key"]
+        client = stack.client(key)
+        uploaded: dict[str, dict[str, str]] = {}
+        for name, paths in files.items():
+            uploaded[name] = {
+                role: client.post(f"/v1/{'models' if role == 'model' else 'datasets'}",
+                                  params={"name": path.name}, content=path.read_bytes()).json()["id"]
+                for role, path in paths.items()}
+        for case in cases or list(CASES):
+            model_name, recipe = CASES[case]
+            ids = uploaded[model_name]
+            started = time.monotonic()
+            job = client.post("/v1/jobs", json={"model_id": ids["model"], "datasets": {"train": ids["train"],
+                              "calibration": ids["train"], "eval": ids["eval"]},
+                              "recipe": {**recipe, "evaluate": EVALUATE}}).json()
+            if "id" not in job:
+                results[case] = {"status": "refused", "error": job}
+                continue
+            while job["status"] not in ("succeeded", "failed", "canceled"):
+                time.sleep(0.5)
+                job = client.get(f"/v1/jobs/{job['id']}").json()
+            job["wall_s"] = round(time.monotonic() - started, 1)
+            results[case] = _row(job) if job["status"] == "succeeded" else {"status": job["status"],
+                                                                             "error": job["error"]}
+    finally:
+        stack.stop()
+    return {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
+            for name, row in results.items()}
+

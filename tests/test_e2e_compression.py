@@ -1,0 +1,93 @@
+"""Each compression step type through HTTP against a real server and worker, artifacts checked here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import modelzoo
+from tests.conftest import new_team_key
+from tests.test_e2e import FAST_REAPER, upload, wait_for
+
+
+@pytest.fixture(scope="module")
+def cnn_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cnn")
+    x_train, y_train, x_test, y_test = modelzoo.digits_split()
+    cnn = modelzoo.train_cnn()
+    return {
+        "package": modelzoo.write_package(cnn, d / "cnn.zip", modelzoo.CNN_SOURCE),
+        "pt2": modelzoo.export_pt2(cnn, modelzoo.as_images(x_test), d / "cnn.pt2"),
+        "train": modelzoo.write_npz(d / "train.npz", modelzoo.as_images(x_train), y_train),
+        "eval": modelzoo.write_npz(d / "eval.npz", modelzoo.as_images(x_test), y_test),
+    }
+
+
+def test_nm_cluster_channel_finetune_through_http(stack_factory, cnn_files, tmp_path):
+    from worker.engine.compact import load_compact
+
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker(concurrency=2)
+    client = stack.client(new_team_key(stack.admin, "compress"))
+    package = upload(client, "models", cnn_files["package"])
+    pt2 = upload(client, "models", cnn_files["pt2"])
+    train = upload(client, "datasets", cnn_files["train"])
+    eval_ds = upload(client, "datasets", cnn_files["eval"])
+    datasets = {"train": train["id"], "calibration": train["id"], "eval": eval_ds["id"]}
+    evaluate = {"repeats": 5}
+    jobs = {
+        "2:4": client.post("/v1/jobs", json={"model_id": pt2["id"], "datasets": datasets, "recipe": {
+            "steps": [{"type": "prune", "pattern": "2:4", "ignore": ["0.weight"]}], "outputs": ["pt2", "safetensors"],
+            "evaluate": evaluate}}).json()["id"],
+        "palette": client.post("/v1/jobs", json={"model_id": package["id"], "datasets": datasets, "recipe": {
+            "steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"],
+            "evaluate": evaluate}}).json()["id"],
+        "slim": client.post("/v1/jobs", json={"model_id": package["id"], "datasets": datasets, "recipe": {
+            "steps": [{"type": "prune", "method": "channel", "sparsity": 0.5, "round_to": 4},
+                      {"type": "finetune", "epochs": 1}], "evaluate": evaluate}}).json()["id"],
+    }
+    done = {name: wait_for(client, job_id, timeout=300) for name, job_id in jobs.items()}
+    for name, job in done.items():
+        assert job["status"] == "succeeded", (name, job["error"])
+
+    nm = done["2:4"]
+    assert nm["metrics"]["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # the ignored stem conv is dense
+    st = next(a for a in nm["artifacts"] if a["format"] == "safetensors")
+    path = tmp_path / "nm.safetensors"
+    path.write_bytes(client.get(st["url"]).content)
+    weights = {name: w for name, w in load_compact(path).items() if w.ndim >= 2}
+    assert set(weights) > {"0.weight"}
+    for name, w in weights.items():
+        if name != "0.weight":  # at most 2 non-zeros in every 4 consecutive input channels
+            groups = np.moveaxis(w, 1, -1).reshape(-1, 4)
+            assert (np.count_nonzero(groups, axis=1) <= 2).all(), name
+    assert st["size_bytes"] < nm["metrics"]["original"]["size_bytes"]
+
+    palette = done["palette"]
+    m = palette["metrics"]
+    assert m["ratios"]["size"] >= 6, m["ratios"]
+    assert m["ratios"]["accuracy_drop"] <= 0.02
+    assert "no_speedup" in m["flags"]
+    path = tmp_path / "palette.safetensors"
+    path.write_bytes(client.get(next(a["url"] for a in palette["artifacts"] if a["format"] == "safetensors")).content)
+    assert all(len(np.unique(w)) <= 16 for w in load_compact(path).values() if w.ndim >= 2)
+
+    slim = done["slim"]
+    m = slim["metrics"]
+    assert slim["outputs"] == ["pt2", "onnx"]
+    assert m["ratios"]["macs"] >= 2.5 and m["compressed"]["params"] < m["original"]["params"] * 0.5
+    assert m["compressed"]["accuracy"] >= 0.85
+    onnx_art = next(a for a in slim["artifacts"] if a["format"] == "onnx")
+    path = tmp_path / "slim.onnx"
+    path.write_bytes(client.get(onnx_art["url"]).content)
+    import onnxruntime as ort
+
+    x = modelzoo.as_images(modelzoo.digits_split()[2][:8])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (8, 10)
+    events = client.get(f"/v1/jobs/{jobs['slim']}/events").json()["data"]
+    assert any(e["type"] == "step_done" for e in events)
+
