@@ -91,6 +91,9 @@ class ClusterSpec(StepSpec):
 
     type: Literal["cluster"] = "cluster"
     clusters: int = Field(16, ge=2, le=256)
+    dataset: Literal["train", "calibration"] = Field(
+        "calibration", description="Data for re-estimating batch-norm statistics afterwards (model packages).")
+    recalibrate_bn: bool = True
 
 
 class FinetuneSpec(StepSpec):

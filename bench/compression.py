@@ -38,11 +38,12 @@ def _models(workdir: Path) -> dict[str, dict[str, Path]]:
     out["cnn"] = {"model": modelzoo.write_package(cnn, workdir / "cnn.zip", modelzoo.CNN_SOURCE),
                   "train": modelzoo.write_npz(workdir / "cnn-train.npz", modelzoo.as_images(x_train), y_train),
                   "eval": modelzoo.write_npz(workdir / "cnn-eval.npz", modelzoo.as_images(x_test), y_test)}
-    resnet = modelzoo.train_resnet()
-    out["resnet"] = {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_SOURCE),
-                     "train": modelzoo.write_npz(workdir / "resnet-train.npz", modelzoo.as_resnet_input(x_train),
-                                                 y_train),
-                     "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test),
+    size = modelzoo.RESNET_BENCH_SIZE
+    resnet = modelzoo.train_resnet(source=modelzoo.RESNET_BENCH_SOURCE, size=size)
+    out["resnet"] = {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_BENCH_SOURCE),
+                     "train": modelzoo.write_npz(workdir / "resnet-train.npz",
+                                                 modelzoo.as_resnet_input(x_train, size), y_train),
+                     "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test, size),
                                                 y_test)}
     return out
 

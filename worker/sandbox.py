@@ -211,6 +211,14 @@ class Job:
                     compressed, result_outputs, first_model = side, outs, loaded
                 else:
                     compressed["latency_ms"].update(side["latency_ms"])
+            # Re-time original and result alternately on the runtimes both run on: the two were measured minutes
+            # apart, and a load change in between (other jobs, a noisy neighbour) would show up as a ratio.
+            original_again = fmt.load(model_path, work)
+            result_fmt = get_format(first_model.format)
+            for rt in sorted(set(original["latency_ms"]) & set(compressed["latency_ms"]) & set(result_fmt.runtimes)):
+                original["latency_ms"][rt], compressed["latency_ms"][rt] = metrics.latency_pair(
+                    fmt.runner(original_again, rt, threads), result_fmt.runner(first_model, rt, threads), inputs,
+                    ev.batch_sizes, ev.warmup, ev.repeats, fmt.fixed_batch(original_again))
             fid = metrics.fidelity(reference, result_outputs)
             if data is None:
                 fid["agreement"] = None

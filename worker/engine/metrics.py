@@ -76,6 +76,31 @@ def latency(run: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmu
     return out
 
 
+def latency_pair(run_a: Runner, run_b: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmup: int,
+                 repeats: int, fixed_batch: int | None) -> tuple[dict, dict]:
+    """Latency of two models timed alternately (a, b, a, b, ...), so a change in machine load during the job
+    hits both alike: the ratio of the medians is then a fair comparison. Same shape as `latency`."""
+    out_a: dict[str, dict[str, float]] = {}
+    out_b: dict[str, dict[str, float]] = {}
+    for b in batch_sizes:
+        if fixed_batch and b != fixed_batch:
+            continue
+        x = batch_inputs(inputs, b)
+        for _ in range(warmup):
+            run_a(x)
+            run_b(x)
+        times_a, times_b = [], []
+        for _ in range(repeats):
+            for run, times in ((run_a, times_a), (run_b, times_b)):
+                t0 = time.perf_counter()
+                run(x)
+                times.append((time.perf_counter() - t0) * 1000.0)
+        for out, times in ((out_a, times_a), (out_b, times_b)):
+            out[str(b)] = {"median": round(float(np.median(times)), 4),
+                           "p90": round(float(np.percentile(times, 90)), 4)}
+    return out_a, out_b
+
+
 def accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
     if labels is None or outputs.ndim != 2:
         return None

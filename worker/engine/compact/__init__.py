@@ -1,6 +1,6 @@
 """Compact safetensors output: `storage` is the standalone file format; here, the engine's side of it.
 
-`write_model` stores a loaded model's parameters (the format's `parameters` accessor) and proves the file
+`write_model` stores a loaded model's parameters and buffers (`stored_tensors`) and proves the file
 restores them bit-exactly; `restore_into` puts a compact file's tensors back into a freshly loaded model of the
 input format, which is how the sandbox runs a safetensors artifact.
 """
@@ -28,9 +28,20 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def stored_tensors(model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
+    """What a compact file holds: parameters and buffers (batch-norm running statistics re-estimated by a step
+    must travel with the weights), as the live tensors of the model so restoring writes them in place."""
+    if model.format == "package":
+        return list(model.handle.state_dict().items())
+    if model.format == "pt2":
+        return list(model.handle.state_dict.items())
+    return get_format(model.format).parameters(model)
+
+
 def write_model(model: LoadedModel, path: Path) -> dict:
-    """Write every parameter of `model` to one compact file; return the manifest. Checks the round trip."""
-    params = get_format(model.format).parameters(model)
+    """Write every parameter and buffer of `model` to one compact file; return the manifest. Checks the round
+    trip."""
+    params = stored_tensors(model)
     manifest = write_compact({name: t for name, t in params}, path)
     restored = load_compact(path)
     for name, t in params:
@@ -45,7 +56,7 @@ def restore_into(model: LoadedModel, tensors: dict[str, np.ndarray]) -> list[str
     Every parameter must be present with its shape: a compact file only fits the architecture it came from
     (not, for example, the original after channel pruning).
     """
-    params = get_format(model.format).parameters(model)
+    params = stored_tensors(model)
     problems = [f"{n} {list(t.shape)} (file: {list(tensors[n].shape) if n in tensors else 'missing'})"
                 for n, t in params if n not in tensors or tuple(tensors[n].shape) != tuple(t.shape)]
     if problems:
@@ -62,7 +73,7 @@ def restore_into(model: LoadedModel, tensors: dict[str, np.ndarray]) -> list[str
         with torch.no_grad():
             for name, t in params:
                 t.copy_(torch.from_numpy(np.require(tensors[name], requirements="C")).to(t.dtype))
-    for name, t in get_format(model.format).parameters(model):  # read back: the model now holds the file's values
+    for name, t in stored_tensors(model):  # read back: the model now holds the file's values
         if not torch.equal(t.detach().cpu(), torch.from_numpy(np.require(tensors[name], requirements="C")).to(t.dtype)):
             raise RuntimeError(f"restoring {name!r} into the {model.format} model did not take effect")
     return [n for n, _ in params]

@@ -37,8 +37,9 @@ def eager_module(model: LoadedModel, what: str) -> nn.Module:
 
 
 def data_source(ctx: StepContext, preferred: str) -> tuple[Dataset | None, str | None]:
-    """The step's dataset, else the eval dataset (named in the report so the choice is visible)."""
-    for name in (preferred, "eval"):
+    """The step's dataset, else another one of the job's (eval last: statistics estimated on the data that
+    measures accuracy flatter it). The report names the one used."""
+    for name in (preferred, "train", "calibration", "eval"):
         if ctx.datasets.get(name) is not None:
             return ctx.datasets[name], name
     return None, None
