@@ -6,7 +6,6 @@ import hashlib
 import io
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 

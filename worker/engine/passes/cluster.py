@@ -14,10 +14,10 @@ import torch
 
 from app.recipes import ClusterSpec
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, get_format
+from worker.engine.formats.base import LoadedModel
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
 from worker.engine.passes.channel import data_source, dataset_arrays, recalibrate_bn
-from worker.engine.passes.prune import select
+from worker.engine.passes.prune import selected_weights
 
 SEED = 0
 MAX_FIT_SAMPLES = 65_536  # k-means is fitted on a sample this big at most; every weight is then assigned
@@ -126,12 +126,7 @@ class KMeansCluster(Pass):
         return recalibrate_bn(net, dataset_arrays(model, data)), None
 
     def apply(self, model: LoadedModel, spec: ClusterSpec, ctx: StepContext) -> StepReport:
-        fmt = get_format(model.format)
-        eligible = fmt.eligible_weights(model)
-        refs = select(eligible, spec.targets, spec.ignore)
-        if not refs:
-            raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
-                                           f"ignore={spec.ignore}; eligible: {[r.name for r in eligible][:50]}")
+        eligible, refs = selected_weights(model, spec, ctx)
         rng = np.random.default_rng(SEED)
         layers, changed_layers, total = [], 0, 0
         for i, ref in enumerate(refs):

@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from app.recipes import PruneSpec
+from app.recipes import PruneSpec, StepSpec
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel, WeightRef, get_format
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
@@ -202,15 +202,20 @@ def _prune_nm(model: LoadedModel, spec: PruneSpec, ctx: StepContext, eligible: l
     }
 
 
+def selected_weights(model: LoadedModel, spec: StepSpec, ctx: StepContext) -> tuple[list, list]:
+    """(eligible weights, those the step's targets/ignore select), or no_effect when the selection is empty."""
+    eligible = get_format(model.format).eligible_weights(model)
+    refs = select(eligible, spec.targets, spec.ignore)
+    if not refs:
+        raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
+                                       f"ignore={spec.ignore}; eligible: {[r.name for r in eligible][:50]}")
+    return eligible, refs
+
+
 @register(PruneSpec)
 class MagnitudePrune(Pass):
     def apply(self, model: LoadedModel, spec: PruneSpec, ctx: StepContext) -> StepReport:
-        fmt = get_format(model.format)
-        eligible = fmt.eligible_weights(model)
-        refs = select(eligible, spec.targets, spec.ignore)
-        if not refs:
-            raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
-                                           f"ignore={spec.ignore}; eligible: {[r.name for r in eligible][:50]}")
+        eligible, refs = selected_weights(model, spec, ctx)
         if spec.pattern != "unstructured":
             return _prune_nm(model, spec, ctx, eligible, refs)
         weights = [r.read() for r in refs]
