@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-ModelFormat = Literal["pt2", "onnx", "package"]
-OutputFormat = Literal["pt2", "onnx", "package", "safetensors"]
+ModelFormat = Literal["pt2", "onnx", "package", "hf"]
+OutputFormat = Literal["pt2", "onnx", "package", "hf", "safetensors"]
 Runtime = Literal["torch", "onnxruntime"]
 
 # Which output formats each input format can produce. ONNX cannot go back to a torch graph.
@@ -20,12 +20,14 @@ OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
     "pt2": ("pt2", "onnx", "safetensors"),
     "onnx": ("onnx", "safetensors"),
     "package": ("package", "pt2", "onnx", "safetensors"),
+    "hf": ("hf", "pt2", "onnx", "safetensors"),
 }
 # The runtime a format naturally runs on, used when evaluate.runtimes is not given.
-NATIVE_RUNTIME: dict[str, str] = {"pt2": "torch", "package": "torch", "onnx": "onnxruntime"}
+NATIVE_RUNTIME: dict[str, str] = {"pt2": "torch", "package": "torch", "hf": "torch", "onnx": "onnxruntime"}
 RUNTIMES_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "pt2": ("torch",),
     "package": ("torch",),
+    "hf": ("torch",),
     "onnx": ("onnxruntime",),
     "safetensors": (),  # a storage format: loaded back into a dense model to run
 }
@@ -125,11 +127,14 @@ Step = Annotated[
 ]
 STEP_SPECS: tuple[type[StepSpec], ...] = (PruneSpec, ChannelPruneSpec, ClusterSpec, FinetuneSpec)
 STEP_TAGS = {"prune:magnitude", "prune:channel", "cluster", "finetune"}
-# Step types that need an eager nn.Module (model package or, later, a Hugging Face folder).
+# Step types that need an eager nn.Module (model package or Hugging Face folder).
 EAGER_ONLY = {ChannelPruneSpec: "channel pruning", FinetuneSpec: "fine-tuning"}
-EAGER_FORMATS = ("package",)
+EAGER_FORMATS = ("package", "hf")
 # Steps after which the input's own architecture no longer fits the weights.
 CHANGES_ARCHITECTURE = (ChannelPruneSpec,)
+# Formats that cannot describe a changed architecture (package: its build_model(); safetensors: the input's
+# architecture). A Hugging Face folder can: its config.json is rewritten with the new widths.
+FIXED_ARCHITECTURE_OUTPUTS = ("package", "safetensors")
 
 
 class EvaluateSpec(Strict):
@@ -218,11 +223,12 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     outputs = list(recipe.outputs or (["pt2", "onnx"] if reshaped and model_format == "package" else [model_format]))
     errors = [
         {"field": f"steps[{i}]", "message": f"{EAGER_ONLY[type(step)]} needs an eager model: upload a model package "
-                                            f"(zip of model.py with build_model() + weights.safetensors), "
+                                            f"(zip of model.py with build_model() + weights.safetensors) or a "
+                                            f"Hugging Face folder (zip of config.json + safetensors), "
                                             f"not {model_format}"}
         for i, step in enumerate(recipe.steps) if type(step) in EAGER_ONLY and model_format not in EAGER_FORMATS
     ]
-    for fmt in ("package", "safetensors"):
+    for fmt in FIXED_ARCHITECTURE_OUTPUTS:
         if reshaped and fmt in outputs:
             errors.append({"field": f"outputs[{outputs.index(fmt)}]",
                            "message": f"steps[{reshaped[0]}] changes the architecture, so the input's build_model() "

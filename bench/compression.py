@@ -24,6 +24,8 @@ CASES: dict[str, tuple[str, dict]] = {
                                                       "importance": "l2", "round_to": 8}, FINETUNE_3],
                                            "outputs": ["pt2", "onnx"]}),
     "resnet_palette16": ("resnet", {"steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]}),
+    "bert_mlp_width50": ("bert", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}],
+                                  "outputs": ["hf", "onnx"]}),
 }
 
 
@@ -45,6 +47,12 @@ def _models(workdir: Path) -> dict[str, dict[str, Path]]:
                                                  modelzoo.as_resnet_input(x_train, size), y_train),
                      "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test, size),
                                                 y_test)}
+    bert = modelzoo.build_tiny_bert()
+    out["bert"] = {"model": modelzoo.write_hf_zip(bert, workdir / "bert.zip"),
+                   "train": modelzoo.write_npz(workdir / "bert-train.npz",
+                                               {"input_ids": modelzoo.digits_tokens(x_train)}, y_train),
+                   "eval": modelzoo.write_npz(workdir / "bert-eval.npz",
+                                              {"input_ids": modelzoo.digits_tokens(x_test)}, y_test)}
     return out
 
 

@@ -239,3 +239,61 @@ def train_resnet(epochs: int = 4, source: str = RESNET_SOURCE, size: int = RESNE
         for start in range(0, len(inputs), 64):
             net(inputs[start:start + 64])
     return net.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny BERT (Hugging Face folder format): digits as token sequences, one token per pixel.
+
+BERT_SEQ = 65
+
+
+CLS_TOKEN = 17
+
+
+def digits_tokens(x: np.ndarray) -> np.ndarray:
+    """(N, 64) digits in [0, 1] -> (N, 65) int64 token ids: a [CLS] token (the classifier reads the first
+    position), then the pixel values 0..16."""
+    pixels = np.rint(np.asarray(x) * 16).astype(np.int64)
+    return np.ascontiguousarray(np.concatenate([np.full((len(pixels), 1), CLS_TOKEN, np.int64), pixels], axis=1))
+
+
+def build_tiny_bert(epochs: int = 6, train: bool = True) -> nn.Module:
+    """BertForSequenceClassification (2 layers, hidden 32, 4 heads, MLP 64) trained on digit tokens."""
+    import transformers
+
+    torch.manual_seed(SEED)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=BERT_SEQ, num_labels=10,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    net = transformers.BertForSequenceClassification(config)
+    if not train:
+        return net.eval()
+    x, y, _, _ = digits_split()
+    xt, yt = torch.from_numpy(digits_tokens(x)), torch.from_numpy(y)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(SEED)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(input_ids=xt[idx]).logits, yt[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+def bert_accuracy(net: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float((net(input_ids=torch.from_numpy(digits_tokens(x))).logits.argmax(1).numpy() == y).mean())
+
+
+def write_hf_zip(model: nn.Module, path: Path | str) -> Path:
+    """save_pretrained (safetensors) zipped flat: config.json + model.safetensors."""
+    import tempfile
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(Path(tmp).iterdir()):
+                zf.write(f, f.name)
+    return path

@@ -91,3 +91,41 @@ def test_nm_cluster_channel_finetune_through_http(stack_factory, cnn_files, tmp_
     events = client.get(f"/v1/jobs/{jobs['slim']}/events").json()["data"]
     assert any(e["type"] == "step_done" for e in events)
 
+
+
+def test_transformer_mlp_width_pruned_through_http_loads_with_transformers(stack_factory, tmp_path):
+    import zipfile
+
+    import torch
+    import transformers
+
+    _, _, x_test, y_test = modelzoo.digits_split()
+    bert = modelzoo.build_tiny_bert(epochs=2)
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker(concurrency=1)
+    client = stack.client(new_team_key(stack.admin, "nlp"))
+    model = upload(client, "models", modelzoo.write_hf_zip(bert, tmp_path / "bert.zip"))
+    assert model["format"] == "hf"
+    tokens = modelzoo.digits_tokens(x_test)
+    eval_ds = upload(client, "datasets", modelzoo.write_npz(tmp_path / "eval.npz", {"input_ids": tokens}, y_test))
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": eval_ds["id"]}, "recipe": {
+        "steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "evaluate": {"repeats": 5}}}).json()
+    assert job["outputs"] == ["hf"]
+    job = wait_for(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["compressed"]["params"] < m["original"]["params"] and m["ratios"]["macs"] > 1.2
+    art = next(a for a in job["artifacts"] if a["format"] == "hf")
+    folder = tmp_path / "pruned"
+    (tmp_path / "pruned.zip").write_bytes(client.get(art["url"]).content)
+    with zipfile.ZipFile(tmp_path / "pruned.zip") as zf:
+        zf.extractall(folder)
+    config_dir = next(p.parent for p in folder.rglob("config.json"))
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(config_dir).eval()
+    assert reloaded.config.intermediate_size == 32
+    with torch.inference_mode():
+        logits = reloaded(input_ids=torch.from_numpy(tokens)).logits
+    assert logits.shape == (len(tokens), 10)
+    # the downloaded folder is the model the job measured: same accuracy on the same eval set
+    assert float((logits.argmax(1).numpy() == y_test).mean()) == pytest.approx(m["compressed"]["accuracy"], abs=1e-6)

@@ -29,7 +29,7 @@ from typing import IO, Any, Iterator
 # Progress fraction at the start of each stage; a stage reports within [start, next start).
 _STAGE_SPAN = {"load": (0.0, 0.05), "evaluate_original": (0.05, 0.25), "steps": (0.25, 0.6),
                "write": (0.6, 0.75), "evaluate_result": (0.75, 0.98), "report": (0.98, 1.0)}
-_ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip",
+_ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip", "hf": "model-hf.zip",
                    "safetensors": "model.safetensors"}
 
 

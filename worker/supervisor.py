@@ -31,8 +31,8 @@ from worker import isolation
 
 log = logging.getLogger("squeeze.supervisor")
 
-MODEL_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "package": ".zip"}
-ARTIFACT_FORMATS = {"pt2", "onnx", "package", "safetensors", "json", "png"}
+MODEL_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "package": ".zip", "hf": ".zip"}
+ARTIFACT_FORMATS = {"pt2", "onnx", "package", "hf", "safetensors", "json", "png"}
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 MAX_LINE = 16 * 1024 * 1024
 STDERR_TAIL = 4000

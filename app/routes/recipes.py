@@ -25,9 +25,9 @@ def schema(_: Principal = Depends(authenticate)) -> dict[str, Any]:
 def validate(recipe: dict[str, Any] | str = Body(..., embed=True), model_format: str | None = Body(None, embed=True),
              _: Principal = Depends(authenticate)) -> RecipeValidation:
     """Always 200: `valid` says whether the recipe (and, given `model_format`, its outputs) would be accepted."""
-    if model_format not in (None, "pt2", "onnx", "package"):
+    if model_format not in (None, "pt2", "onnx", "package", "hf"):
         return RecipeValidation(valid=False, errors=[{"field": "model_format",
-                                                      "message": "expected pt2, onnx or package"}])
+                                                      "message": "expected pt2, onnx, package or hf"}])
     try:
         normalised, outputs = validate_recipe(recipe, model_format)
     except APIError as exc:

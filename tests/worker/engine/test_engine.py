@@ -29,7 +29,7 @@ def test_every_step_spec_has_a_pass():
 
 
 def test_formats_registered_for_every_recipe_format():
-    assert set(registered_formats()) == {"pt2", "onnx", "package"}
+    assert set(registered_formats()) == {"pt2", "onnx", "package", "hf"}
 
 
 def test_smallest_mask_is_exact_with_ties():

@@ -31,7 +31,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def stored_tensors(model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
     """What a compact file holds: parameters and buffers (batch-norm running statistics re-estimated by a step
     must travel with the weights), as the live tensors of the model so restoring writes them in place."""
-    if model.format == "package":
+    if model.format in ("package", "hf"):
         return list(model.handle.state_dict().items())
     if model.format == "pt2":
         return list(model.handle.state_dict.items())

@@ -25,12 +25,12 @@ _LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv
 _counter = itertools.count()
 
 
-def _extract(path: Path, dest: Path) -> Path:
-    """Extract the zip safely and return the folder holding model.py (the root or its single top folder)."""
+def _extract_checked(path: Path, dest: Path, label: str = "model package") -> Path:
+    """Extract the zip into `dest`, refusing entries that escape it or are links; returns `dest`."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise EngineError("bad_model", f"{path.name} is not a zip model package: {exc}") from exc
+        raise EngineError("bad_model", f"{path.name} is not a zip {label}: {exc}") from exc
     with zf:
         for info in zf.infolist():
             parts = PurePosixPath(info.filename).parts
@@ -39,6 +39,12 @@ def _extract(path: Path, dest: Path) -> Path:
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise EngineError("bad_model", f"package entry {info.filename!r} is a symlink")
         zf.extractall(dest)
+    return dest
+
+
+def _extract(path: Path, dest: Path) -> Path:
+    """Extract the zip safely and return the folder holding model.py (the root or its single top folder)."""
+    _extract_checked(path, dest)
     if (dest / MODEL_PY).is_file():
         return dest
     tops = [p for p in dest.iterdir() if p.name != "__MACOSX"]

@@ -31,8 +31,9 @@ _BN_BATCH = 64
 
 def eager_module(model: LoadedModel, what: str) -> nn.Module:
     """The model's nn.Module, or EngineError("unsupported") for graph formats (pt2, ONNX)."""
-    if model.format not in ("package",) or not isinstance(model.handle, nn.Module):
-        raise EngineError("unsupported", f"{what} needs an eager model (a model package), not {model.format}")
+    if model.format not in ("package", "hf") or not isinstance(model.handle, nn.Module):
+        raise EngineError("unsupported", f"{what} needs an eager model (a model package or a Hugging Face folder), "
+                                         f"not {model.format}")
     return model.handle
 
 
@@ -163,6 +164,10 @@ class ChannelPrune(Pass):
         chosen = {name for name, m in candidates.items()
                   if (spec.targets is None or _matches(name, spec.targets)) and not _matches(name, spec.ignore)
                   and m not in output_layers}
+        # Formats whose architecture code only follows some cuts (a Hugging Face config: MLP width) narrow the choice.
+        prunable = getattr(fmt, "channel_prunable", None)
+        if prunable is not None:
+            chosen &= prunable(model)
         if not chosen:
             raise EngineError("no_effect", f"steps[{ctx.index}]: no prunable layer matched targets={spec.targets} "
                                            f"ignore={spec.ignore} (the output layer is always kept); layers: "
@@ -192,6 +197,9 @@ class ChannelPrune(Pass):
         pruner.step()
         net.zero_grad(set_to_none=True)
         net.eval()
+        sync = getattr(fmt, "after_channel_prune", None)
+        if sync is not None:
+            notes += sync(model)
 
         bn_layers = 0
         if spec.recalibrate_bn:

@@ -1,0 +1,252 @@
+"""Hugging Face folders: a zip of config.json + model.safetensors (or shards + index). No user code runs.
+
+The architecture comes from transformers' own auto mappings (an allowlist of auto classes, resolved from the
+config's model_type and architectures[0]); configs with `auto_map` (remote code) are refused. The handle is the
+transformers model itself (an eager nn.Module), so structural passes and `save_pretrained` work on it.
+Inputs: `input_ids` (int64, (batch, seq)); the runner returns the logits (first model output).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.engine.errors import EngineError
+from worker.engine.formats import _torch
+from worker.engine.formats.base import InputSpec, LoadedModel, ModelFormat, Runner, WeightRef, register
+from worker.engine.formats.package import _extract_checked
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_counter = itertools.count()
+# MLP up-projections: the only layers channel pruning may cut (their width is config.intermediate_size).
+_MLP_UP = ("intermediate.dense",)
+
+
+def _auto_classes() -> list[Any]:
+    """The allowlist of auto classes a config may resolve through, most specific first."""
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    return [AutoModelForSequenceClassification, AutoModelForImageClassification, AutoModel]
+
+
+def _find_folder(root: Path) -> Path:
+    if (root / CONFIG).is_file():
+        return root
+    tops = [p for p in root.iterdir() if p.name != "__MACOSX"]
+    if len(tops) == 1 and tops[0].is_dir() and (tops[0] / CONFIG).is_file():
+        return tops[0]
+    raise EngineError("bad_model", f"the Hugging Face zip has no {CONFIG} at its root")
+
+
+def _read_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EngineError("bad_model", f"{CONFIG} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise EngineError("bad_model", f"{CONFIG} is not a JSON object")
+    if "auto_map" in raw:
+        raise EngineError("bad_model", f"{CONFIG} has auto_map (remote code); only architectures built into "
+                                       "transformers are accepted")
+    model_type = raw.pop("model_type", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise EngineError("bad_model", f"{CONFIG}: unknown model_type {model_type!r}")
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except Exception as exc:
+        raise EngineError("bad_model", f"{CONFIG} does not make a {model_type} config: {type(exc).__name__}: "
+                                       f"{exc}") from exc
+
+
+def _model_class(config: Any) -> tuple[Any, str]:
+    """(auto class, class name) from the allowlisted auto mappings; never imports a class named by the user."""
+    archs = getattr(config, "architectures", None) or []
+    wanted = archs[0] if archs else None
+    for auto in _auto_classes():
+        mapping = auto._model_mapping
+        if type(config) not in mapping:
+            continue
+        cls = mapping[type(config)]
+        if wanted is None or cls.__name__ == wanted:
+            return auto, cls.__name__
+    raise EngineError("unsupported", f"architecture {wanted!r} ({config.model_type}) is not one of the supported "
+                                     "auto classes (sequence classification, image classification, base model)")
+
+
+def _state_from(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files: list[Path]
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EngineError("bad_model", f"{INDEX} is not a valid shard index: {exc}") from exc
+        files = []
+        for name in names:
+            p = (folder / name).resolve()
+            if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors") \
+                    or p.parent != folder.resolve() or not p.is_file():
+                raise EngineError("bad_model", f"{INDEX} names a missing or invalid shard {name!r}")
+            files.append(p)
+    else:
+        raise EngineError("bad_model", f"the Hugging Face zip has neither {WEIGHTS} nor {INDEX}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:
+            raise EngineError("bad_model", f"cannot read {f.name}: {type(exc).__name__}: {exc}") from exc
+    return state
+
+
+def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict, except for weights HF ties to others (saved once, re-tied after loading)."""
+    tied = set(getattr(net, "all_tied_weights_keys", None) or {})
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise EngineError("bad_model", f"the safetensors weights do not match the config's architecture: missing "
+                                       f"{missing[:10]}, unexpected {list(result.unexpected_keys)[:10]}")
+    if tied and hasattr(net, "tie_weights"):
+        net.tie_weights()
+
+
+class _Logits(torch.nn.Module):
+    """input_ids -> logits (or the first output): a plain tensor graph for torch.export and ONNX."""
+
+    def __init__(self, hf: torch.nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.hf(input_ids=input_ids, return_dict=True)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out[0]
+
+
+@register
+class HFFormat(ModelFormat):
+    name = "hf"
+    suffix = ".zip"
+    runtimes = ("torch",)
+
+    def load(self, path: Path, workdir: Path) -> LoadedModel:
+        folder = _find_folder(_extract_checked(path, workdir / f"hf-{next(_counter)}", "Hugging Face zip"))
+        if any(p.suffix == ".py" for p in folder.rglob("*")):
+            raise EngineError("bad_model", "the Hugging Face zip holds Python files; custom code is not run")
+        try:
+            config = _read_config(folder)
+            auto, cls_name = _model_class(config)
+            net = auto.from_config(config)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError("bad_model", f"cannot build the model from {CONFIG}: {type(exc).__name__}: "
+                                           f"{exc}") from exc
+        _load_state(net, _state_from(folder))
+        net.eval()
+        return LoadedModel(format=self.name, path=path, handle=net,
+                           extra={"folder": folder, "architecture": cls_name})
+
+    def save(self, model: LoadedModel, path: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        net = model.handle
+        out = path.with_name(path.name + ".folder")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        sync_config(net)
+        net.save_pretrained(str(out), safe_serialization=True)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(out.iterdir()):
+                if f.is_file():
+                    zf.write(f, f.name)
+        import shutil
+
+        shutil.rmtree(out)
+
+    def export(self, model: LoadedModel, target: str, path: Path, examples: list[np.ndarray] | None) -> list[str]:
+        if target == self.name:
+            self.save(model, path)
+            return []
+        if examples is None:
+            raise EngineError("bad_dataset", f"writing a Hugging Face model as {target} needs example input_ids: "
+                                             "give an eval dataset")
+        wrapper = _Logits(model.handle).eval()
+        examples = [np.ascontiguousarray(examples[0]).astype(np.int64)]
+        if target == "onnx":
+            return _torch.export_onnx(wrapper, examples, path, dynamic_batch=True)
+        if target == "pt2":
+            from worker.engine.formats.package import PackageFormat
+
+            return PackageFormat._export_pt2(PackageFormat(), wrapper, examples, path)
+        raise EngineError("unsupported", f"a Hugging Face model cannot be written as {target}")
+
+    def eligible_weights(self, model: LoadedModel) -> list[WeightRef]:
+        """Linear weights (attention q/k/v/out, MLP, pooler, classifier); not embeddings or layer norms."""
+        refs, seen = [], set()
+        for mod_name, mod in model.handle.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.nn.Parameter) \
+                    and w.ndim >= 2 and id(w) not in seen:
+                seen.add(id(w))
+                refs.append(_torch.tensor_ref(f"{mod_name}.weight", w))
+        return refs
+
+    def parameters(self, model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
+        return list(model.handle.named_parameters())
+
+    def input_specs(self, model: LoadedModel) -> list[InputSpec] | None:
+        # Sequence length is free (up to max_position_embeddings): datasets decide it.
+        return [InputSpec("input_ids", (None, None), np.dtype(np.int64))]
+
+    def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
+        if runtime != "torch":
+            raise EngineError("unsupported", f"a Hugging Face model runs on torch, not {runtime}")
+        return _torch.module_runner(model.handle, threads)
+
+    # Hooks for channel pruning (worker/engine/passes/channel.py).
+    def channel_prunable(self, model: LoadedModel) -> set[str]:
+        """Layers whose output features may be removed: the MLP up-projections (intermediate width)."""
+        return {name for name, mod in model.handle.named_modules()
+                if isinstance(mod, torch.nn.Linear) and name.endswith(_MLP_UP)}
+
+    def after_channel_prune(self, model: LoadedModel) -> list[str]:
+        """Write the new widths into the config so save_pretrained + from_pretrained rebuild this architecture."""
+        return sync_config(model.handle)
+
+
+def sync_config(net: torch.nn.Module) -> list[str]:
+    """config.intermediate_size from the MLP layers; EngineError if layers differ (one config value)."""
+    config = getattr(net, "config", None)
+    widths = {mod.out_features for name, mod in net.named_modules()
+              if isinstance(mod, torch.nn.Linear) and name.endswith(_MLP_UP)}
+    if config is None or not widths or not hasattr(config, "intermediate_size"):
+        return []
+    if len(widths) != 1:
+        raise EngineError("unsupported", f"MLP widths differ across layers ({sorted(widths)}); a Hugging Face config "
+                                         "has one intermediate_size")
+    width = widths.pop()
+    if width == config.intermediate_size:
+        return []
+    old = config.intermediate_size
+    config.intermediate_size = width
+    return [f"hf: config.intermediate_size {old} -> {width}"]
