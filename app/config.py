@@ -66,10 +66,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
 

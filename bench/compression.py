@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests import modelzoo
-from tests.stack import Stack, make_backend
+from tests.stack import Stack, make_backend, wait_for
 
 FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
 EVALUATE = {"batch_sizes": [1, 32], "repeats": 30, "warmup": 5}
@@ -108,9 +108,7 @@ def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
             if "id" not in job:
                 results[case] = {"status": "refused", "error": job}
                 continue
-            while job["status"] not in ("succeeded", "failed", "canceled"):
-                time.sleep(0.5)
-                job = client.get(f"/v1/jobs/{job['id']}").json()
+            job = wait_for(client, job["id"], timeout=1800, interval=0.5)
             job["wall_s"] = round(time.monotonic() - started, 1)
             results[case] = _row(job) if job["status"] == "succeeded" else {"status": job["status"],
                                                                              "error": job["error"]}

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 
 from tests import modelzoo
-from tests.stack import Stack, make_backend
+from tests.stack import Stack, make_backend, wait_for
 
 MiB = 1024 * 1024
 FAST = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_SANDBOX_THREADS": "1"}
@@ -105,22 +105,10 @@ def bench_upload(workdir: Path, size_bytes: int = 1024 * MiB, runs: int = 5) -> 
                          "rss_growth_mib": round((sampler.peak - baseline) / MiB, 1)})
     finally:
         stack.stop()
-        for fn in stack.backend.cleanup:
-            fn()
         path.unlink(missing_ok=True)
     return {"file_mib": round(file_size / MiB, 1), "runs": rows,
             "median_mib_per_s": statistics.median(r["mib_per_s"] for r in rows),
             "max_rss_growth_mib": max(r["rss_growth_mib"] for r in rows)}
-
-
-def _wait(client, job_id: str, cond, timeout: float = 120) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if cond(job):
-            return job
-        time.sleep(0.01)
-    raise TimeoutError(job_id)
 
 
 def bench_submit_latency(workdir: Path, jobs: int = 20) -> dict:
@@ -138,15 +126,13 @@ def bench_submit_latency(workdir: Path, jobs: int = 20) -> dict:
         latencies = []
         for i in range(jobs + 1):
             job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).json()
-            running = _wait(client, job["id"], lambda j: j["status"] == "running")
+            running = wait_for(client, job["id"], lambda j: j["status"] == "running", 120, interval=0.01)
             if i:
                 latencies.append((_ts(running["started_at"]) - _ts(running["created_at"])) * 1000)
             client.post(f"/v1/jobs/{job['id']}/cancel")
-            _wait(client, job["id"], lambda j: j["status"] == "canceled")
+            wait_for(client, job["id"], lambda j: j["status"] == "canceled", 120, interval=0.01)
     finally:
         stack.stop()
-        for fn in stack.backend.cleanup:
-            fn()
     return {"jobs": jobs, "broker": "redis", "p50_ms": round(statistics.median(latencies), 1),
             "p90_ms": round(_pct(latencies, 0.9), 1), "max_ms": round(max(latencies), 1)}
 
@@ -220,8 +206,6 @@ def bench_get_job(workdir: Path, clients: int = 8, seconds: float = 15.0, api_pr
                       "p50_ms": round(statistics.median(samples), 2), "p99_ms": round(_pct(samples, 0.99), 2)}
     finally:
         stack.stop()
-        for fn in stack.backend.cleanup:
-            fn()
     return {**result, "database": "postgresql", "api_processes": api_processes}
 
 
@@ -243,7 +227,7 @@ def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5) -> dict:
             job = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": ds["id"]},
                                                 "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
                                                            "evaluate": {"repeats": 5}}}).json()
-            done = _wait(client, job["id"], lambda j: j["status"] in ("succeeded", "failed"), 300)
+            done = wait_for(client, job["id"], timeout=300, interval=0.01)
             assert done["status"] == "succeeded", done["error"]
             wall = _ts(done["finished_at"]) - _ts(done["created_at"])
             engine = done["engine_seconds"]
@@ -252,7 +236,5 @@ def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5) -> dict:
                          "overhead_s": round(wall - engine, 3)})
     finally:
         stack.stop()
-        for fn in stack.backend.cleanup:
-            fn()
     return {"backend": backend, "jobs": rows, "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
             "median_wall_s": statistics.median(r["wall_s"] for r in rows)}

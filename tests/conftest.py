@@ -74,18 +74,15 @@ def new_team_key(client, team: str) -> str:
 @pytest.fixture
 def stack_factory(tmp_path):
     """Builds Stacks on a backend; stops them and drops their databases at the end."""
-    made: list[tuple[Stack, Backend]] = []
+    made: list[Stack] = []
 
     def make(backend_name: str, **settings: str) -> Stack:
         data_dir = tmp_path / f"data-{len(made)}"
         data_dir.mkdir()
-        backend = make_backend(backend_name, data_dir)
-        stack = Stack(backend, data_dir, tmp_path, **settings)
-        made.append((stack, backend))
+        stack = Stack(make_backend(backend_name, data_dir), data_dir, tmp_path, **settings)
+        made.append(stack)
         return stack
 
     yield make
-    for stack, backend in made:
+    for stack in made:
         stack.stop()
-        for fn in backend.cleanup:
-            fn()

@@ -281,11 +281,6 @@ def build_tiny_bert(epochs: int = 6, train: bool = True) -> nn.Module:
     return net.eval()
 
 
-def bert_accuracy(net: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.inference_mode():
-        return float((net(input_ids=torch.from_numpy(digits_tokens(x))).logits.argmax(1).numpy() == y).mean())
-
-
 def write_hf_zip(model: nn.Module, path: Path | str) -> Path:
     """save_pretrained (safetensors) zipped flat: config.json + model.safetensors."""
     import tempfile

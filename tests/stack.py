@@ -162,6 +162,7 @@ class Stack:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
     def stop(self) -> None:
+        """Stops the API and workers, then drops the stack's databases."""
         for p in [*self.workers, self.api_proc]:
             if p is not None and p.poll() is None:
                 p.terminate()
@@ -173,5 +174,24 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.kill_worker_tree(p)
         self.admin.close()
+        for drop in self.backend.cleanup:
+            drop()
+        self.backend.cleanup.clear()
 
 
+
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def wait_for(client: httpx.Client, job_id: str, until=lambda job: job["status"] in TERMINAL,
+             timeout: float = 240, interval: float = 0.2) -> dict:
+    """Polls GET /v1/jobs/{id} until `until(job)`; TimeoutError (with the last job seen) past `timeout`."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(interval)
+    raise TimeoutError(f"job {job_id} did not reach the condition in {timeout}s: {job}")

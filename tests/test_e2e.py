@@ -13,10 +13,10 @@ import pytest
 
 from tests import modelzoo
 from tests.conftest import ADMIN_KEY, new_team_key
+from tests.stack import wait_for
 
 FAST_REAPER = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_HEARTBEAT_TIMEOUT_S": "4",
                "SQUEEZE_REAPER_INTERVAL_S": "1", "SQUEEZE_REQUEUE_AFTER_S": "15", "SQUEEZE_SANDBOX_THREADS": "1"}
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 # A package whose build_model() waits before building the MLP: a job that is reliably mid-flight.
 SLOW_MLP_SOURCE = "import time\n" + modelzoo.MLP_SOURCE.replace(
@@ -45,16 +45,6 @@ def upload(client, kind: str, path: Path) -> dict:
         r = client.post(f"/v1/{kind}", params={"name": path.name}, content=f.read())
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def wait_for(client, job_id: str, until=lambda j: j["status"] in TERMINAL, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if until(job):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not reach the condition in {timeout}s: {job}")
 
 
 def weight_sparsity_pt2(path: Path) -> float:

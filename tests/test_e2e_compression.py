@@ -9,7 +9,8 @@ import pytest
 
 from tests import modelzoo
 from tests.conftest import new_team_key
-from tests.test_e2e import FAST_REAPER, upload, wait_for
+from tests.stack import wait_for
+from tests.test_e2e import FAST_REAPER, upload
 
 
 @pytest.fixture(scope="module")

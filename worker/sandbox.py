@@ -153,8 +153,15 @@ class Job:
                 self.notes.append(f"no {ev.dataset!r} dataset: accuracy and agreement are not measured; latency "
                                   "and output similarity use random inputs of the model's shapes")
             examples = fmt.example_inputs(model) or [a[:2] for a in inputs]
-            original, reference = self.measure(model, model_path, ev, ev.runtimes or [NATIVE_RUNTIME[in_format]],
-                                               inputs, labels, threads, "original", blame_code="bad_model")
+            # Runtimes both the original and the result run on are timed once, alternately, after the steps
+            # (metrics.latency_pair); here and for the result only the others are timed on their own.
+            original_runtimes = ev.runtimes or [NATIVE_RUNTIME[in_format]]
+            runnable_outputs = [o for o in outputs if o != "safetensors"]
+            result_format = get_format((runnable_outputs or [in_format])[0])
+            wanted = ev.runtimes or [NATIVE_RUNTIME[result_format.name]]
+            paired = sorted(set(original_runtimes) & set(fmt.runtimes) & set(wanted) & set(result_format.runtimes))
+            original, reference = self.measure(model, model_path, ev, original_runtimes, inputs, labels, threads,
+                                               "original", blame_code="bad_model", skip_latency=paired)
             layers_before = metrics.layer_sparsity(model)
 
         def on_progress(fraction: float, stage: str, message: str) -> None:
@@ -183,8 +190,6 @@ class Job:
         with self.stage("evaluate_result", "measuring the result re-loaded from disk"):
             # A safetensors artifact runs as the input model with its weights: measured as the result only when
             # it is the only output, else reported as an extra size (safetensors_size_bytes).
-            runnable_outputs = [o for o in outputs if o != "safetensors"]
-            wanted = ev.runtimes or [NATIVE_RUNTIME[(runnable_outputs or [in_format])[0]]]
             compact_art = next((a for a in artifacts if a["format"] == "safetensors"), None)
             compressed: dict[str, Any] | None = None
             result_outputs = None
@@ -193,7 +198,7 @@ class Job:
                 if art["format"] == "safetensors" and runnable_outputs:
                     continue
                 afmt = get_format(in_format if art["format"] == "safetensors" else art["format"])
-                runtimes = [rt for rt in wanted if rt in afmt.runtimes]
+                runtimes = [rt for rt in wanted if rt in afmt.runtimes and rt not in paired]
                 if compressed is not None:
                     runtimes = [rt for rt in runtimes if rt not in compressed["latency_ms"]]
                     if not runtimes:
@@ -207,18 +212,17 @@ class Job:
                     loaded = afmt.load(out_dir / art["path"], work)
                 side, outs = self.measure(loaded, out_dir / art["path"], ev, runtimes, inputs, labels, threads,
                                           f"result ({art['name']})", blame_code=None)
+                if compressed is None and paired:
+                    # Original and result timed alternately, so a load change during the job hits both alike.
+                    original_again = fmt.load(model_path, work)
+                    for rt in paired:
+                        original["latency_ms"][rt], side["latency_ms"][rt] = metrics.latency_pair(
+                            fmt.runner(original_again, rt, threads), afmt.runner(loaded, rt, threads), inputs,
+                            ev.batch_sizes, ev.warmup, ev.repeats, fmt.fixed_batch(original_again))
                 if compressed is None:
                     compressed, result_outputs, first_model = side, outs, loaded
                 else:
                     compressed["latency_ms"].update(side["latency_ms"])
-            # Re-time original and result alternately on the runtimes both run on: the two were measured minutes
-            # apart, and a load change in between (other jobs, a noisy neighbour) would show up as a ratio.
-            original_again = fmt.load(model_path, work)
-            result_fmt = get_format(first_model.format)
-            for rt in sorted(set(original["latency_ms"]) & set(compressed["latency_ms"]) & set(result_fmt.runtimes)):
-                original["latency_ms"][rt], compressed["latency_ms"][rt] = metrics.latency_pair(
-                    fmt.runner(original_again, rt, threads), result_fmt.runner(first_model, rt, threads), inputs,
-                    ev.batch_sizes, ev.warmup, ev.repeats, fmt.fixed_batch(original_again))
             fid = metrics.fidelity(reference, result_outputs)
             if data is None:
                 fid["agreement"] = None
@@ -266,8 +270,9 @@ class Job:
         return {"type": "result", "metrics": result_metrics, "artifacts": artifacts, "engine_seconds": engine_seconds}
 
     def measure(self, model, path: Path, ev, runtimes: list[str], inputs, labels, threads: int, label: str,
-                blame_code: str | None):
-        """Stats, latency on each runtime the format has, and outputs on `inputs` (for accuracy and fidelity)."""
+                blame_code: str | None, skip_latency: list[str] = ()):
+        """Stats, latency on each runtime the format has (but `skip_latency`, timed elsewhere), and outputs on
+        `inputs` (for accuracy and fidelity)."""
         from worker.engine import metrics
         from worker.engine.formats import get_format
 
@@ -284,7 +289,7 @@ class Job:
                 run = fmt.runner(model, rt, threads)
                 if outputs is None:
                     outputs = metrics.predict(run, inputs, fixed)
-                if rt in runtimes:
+                if rt in runtimes and rt not in skip_latency:
                     latency[rt] = metrics.latency(run, inputs, ev.batch_sizes, ev.warmup, ev.repeats, fixed,
                                                   self.notes, f"{label} on {rt}")
         stats["latency_ms"] = latency
