@@ -21,6 +21,7 @@ SUITES = {
         "upload_1gib": service.bench_upload(work),
         "submit_to_running": service.bench_submit_latency(work),
         "get_job": service.bench_get_job(work),
+        "get_job_2_api_processes": service.bench_get_job(work, api_processes=2),
         "job_overhead_sqlite": service.bench_job_overhead(work, "sqlite"),
         "job_overhead_postgres_redis": service.bench_job_overhead(work, "postgres"),
     },

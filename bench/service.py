@@ -176,7 +176,7 @@ def _run_wrk(url: str, key: str, connections: int, seconds: float) -> dict:
     return fields
 
 
-def bench_get_job(workdir: Path, clients: int = 8, seconds: float = 15.0, api_processes: int = 1) -> dict:
+def bench_get_job(workdir: Path, clients: int = 8, seconds: float = 10.0, api_processes: int = 1) -> dict:
     """GET /v1/jobs/{id} under load. wrk (C) drives it where installed, so the load generator does not eat
     the cores the server needs; otherwise Python client processes (which cap the figure lower)."""
     stack = _stack(workdir, "postgres", f"getjob-{api_processes}")
@@ -192,8 +192,11 @@ def bench_get_job(workdir: Path, clients: int = 8, seconds: float = 15.0, api_pr
         path = f"/v1/jobs/{job['id']}"
         _get_loop((url.hostname, url.port, path, key, 1.0))  # warm-up
         if shutil.which("wrk"):
-            result = {"load_generator": "wrk", "connections": clients, "seconds": seconds,
-                      **_run_wrk(stack.url + path, key, clients, seconds)}
+            # This shared machine's throughput swings between runs: three runs, the median one reported.
+            runs = sorted((_run_wrk(stack.url + path, key, clients, seconds) for _ in range(3)),
+                          key=lambda r: r["req_per_s"])
+            result = {"load_generator": "wrk", "connections": clients, "seconds": seconds, **runs[1],
+                      "req_per_s_of_runs": [r["req_per_s"] for r in runs]}
         else:
             args = (url.hostname, url.port, path, key, seconds)
             with multiprocessing.get_context("spawn").Pool(clients) as pool:
