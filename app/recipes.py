@@ -80,12 +80,23 @@ class ChannelPruneSpec(StepSpec):
 
     type: Literal["prune"] = "prune"
     method: Literal["channel"]
-    sparsity: float = Field(..., gt=0.0, lt=1.0, description="Fraction of channels removed from each pruned layer.")
+    sparsity: float = Field(..., ge=0.0, lt=1.0, description="Fraction of channels removed from each pruned layer "
+                                                           "(for a Hugging Face transformer: of the MLP width).")
+    heads: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Fraction of attention heads removed from each self-attention layer (Hugging Face "
+                    "transformers; by the same importance). At least one head per layer stays.")
     importance: Literal["l1", "l2", "taylor"] = "l2"
     round_to: int | None = Field(None, ge=1, le=256, description="Keep channel counts a multiple of this.")
     dataset: Literal["train", "calibration"] = Field(
         "calibration", description="Data for `taylor` importance and for re-estimating batch-norm statistics.")
     recalibrate_bn: bool = True
+
+    @model_validator(mode="after")
+    def _removes_something(self) -> "ChannelPruneSpec":
+        if self.sparsity == 0 and self.heads == 0:
+            raise ValueError("set sparsity (channels) or heads (attention heads) above 0")
+        return self
 
 
 class ClusterSpec(StepSpec):
@@ -219,8 +230,10 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     """The output formats the job will write, or RecipeError for what the input format cannot do."""
     allowed = OUTPUTS_BY_INPUT[model_format]
     reshaped = [i for i, step in enumerate(recipe.steps) if isinstance(step, CHANGES_ARCHITECTURE)]
+    head_pruned = [i for i, step in enumerate(recipe.steps) if isinstance(step, ChannelPruneSpec) and step.heads > 0]
     # After a structural change the input's own form no longer fits: default to graph formats.
-    outputs = list(recipe.outputs or (["pt2", "onnx"] if reshaped and model_format == "package" else [model_format]))
+    graph_outputs = (reshaped and model_format == "package") or (head_pruned and model_format == "hf")
+    outputs = list(recipe.outputs or (["pt2", "onnx"] if graph_outputs else [model_format]))
     errors = [
         {"field": f"steps[{i}]", "message": f"{EAGER_ONLY[type(step)]} needs an eager model: upload a model package "
                                             f"(zip of model.py with build_model() + weights.safetensors) or a "
@@ -233,6 +246,14 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
             errors.append({"field": f"outputs[{outputs.index(fmt)}]",
                            "message": f"steps[{reshaped[0]}] changes the architecture, so the input's build_model() "
                                       f"no longer fits weights stored as {fmt}: ask for pt2 or onnx"})
+    errors += [{"field": f"steps[{i}].heads", "message": "attention-head pruning is for Hugging Face transformers "
+                                                          f"(upload a Hugging Face folder), not {model_format}"}
+               for i in head_pruned if model_format == "package"]
+    if head_pruned and "hf" in outputs:
+        errors.append({"field": f"outputs[{outputs.index('hf')}]",
+                       "message": f"steps[{head_pruned[0]}] removes attention heads, which a Hugging Face config "
+                                  "cannot describe (one num_attention_heads, head size = hidden_size / heads): "
+                                  "ask for pt2 or onnx"})
     errors += [
         {"field": f"outputs[{i}]", "message": f"a {model_format} model cannot be written as {fmt}; "
                                                f"possible outputs: {list(allowed)}"}

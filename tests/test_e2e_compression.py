@@ -130,3 +130,27 @@ def test_transformer_mlp_width_pruned_through_http_loads_with_transformers(stack
     assert logits.shape == (len(tokens), 10)
     # the downloaded folder is the model the job measured: same accuracy on the same eval set
     assert float((logits.argmax(1).numpy() == y_test).mean()) == pytest.approx(m["compressed"]["accuracy"], abs=1e-6)
+
+    # Attention heads: a config cannot describe them, so hf output is refused at submit and graphs are the default.
+    heads_step = {"type": "prune", "method": "channel", "sparsity": 0, "heads": 0.5}
+    refused = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [heads_step],
+                                                                              "outputs": ["hf"]}})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["details"]["errors"][0]["field"] == "recipe.outputs[0]"
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": eval_ds["id"]}, "recipe": {
+        "steps": [heads_step], "evaluate": {"repeats": 5}}}).json()
+    assert job["outputs"] == ["pt2", "onnx"]
+    job = wait_for(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    step = next(e for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "step_done")
+    assert [b["heads_after"] for b in step["data"]["heads"]] == [2, 2]
+    m = job["metrics"]
+    assert m["ratios"]["macs"] > 1.2 and m["compressed"]["params"] < m["original"]["params"]
+    art = next(a for a in job["artifacts"] if a["format"] == "onnx")
+    (tmp_path / "heads.onnx").write_bytes(client.get(art["url"]).content)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "heads.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: tokens})[0]
+    assert logits.shape == (len(tokens), 10)
+    assert abs(float((logits.argmax(1) == y_test).mean()) - m["compressed"]["accuracy"]) <= 1 / len(y_test)

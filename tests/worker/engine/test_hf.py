@@ -16,6 +16,7 @@ from app.screening import ScreeningError, sniff_model
 from tests import modelzoo as mz
 from tests.worker.engine.test_sandbox import FAST_EVAL, final, run_sandbox
 from worker.engine.datasets import Dataset
+from worker.engine.errors import EngineError
 from worker.engine.formats import get_format
 from worker.engine.pipeline import run_steps
 
@@ -103,6 +104,63 @@ def test_channel_prune_shrinks_mlp_and_reloads(bert_zip, tokens, tmp_path):
         out_fmt = get_format(target)
         out = out_fmt.runner(out_fmt.load(tmp_path / f"m{suffix}", tmp_path), runtime, 2)([ids[:32]])
         np.testing.assert_allclose(out, in_memory, atol=1e-4)
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_head_pruning_removes_heads_and_exports(bert_zip, tokens, tmp_path, importance):
+    fmt = get_format("hf")
+    model = fmt.load(bert_zip, tmp_path)
+    ids, labels = tokens
+    data = {"calibration": Dataset(name="calibration", inputs={"input_ids": ids}, labels=labels)}
+    recipe = parse_recipe({"steps": [{"type": "prune", "method": "channel", "sparsity": 0, "heads": 0.5,
+                                      "importance": importance}]})
+    report = run_steps(model, recipe, datasets=data, workdir=tmp_path)[0]
+    assert [(h["name"], h["heads_before"], h["heads_after"]) for h in report["heads"]] == [
+        (f"bert.encoder.layer.{i}.attention", 4, 2) for i in (0, 1)]
+    for i, block in enumerate(report["heads"]):
+        # The removed heads are the two least important by the reported scores.
+        assert block["removed"] == sorted(np.argsort(block["importance"])[:2].tolist())
+        attn = model.handle.bert.encoder.layer[i].attention
+        assert attn.self.query.weight.shape == (16, 32) and attn.self.value.bias.shape == (16,)
+        assert attn.output.dense.weight.shape == (32, 16)
+    assert model.handle.config.intermediate_size == 64  # MLP width untouched: sparsity 0
+    assert report["macs_after"] < report["macs_before"] and report["params_after"] < report["params_before"]
+    in_memory = fmt.runner(model, "torch", 2)([ids[:32]])
+    assert in_memory.shape == (32, 10) and np.isfinite(in_memory).all()
+    for target, suffix, runtime in (("pt2", ".pt2", "torch"), ("onnx", ".onnx", "onnxruntime")):
+        fmt.export(model, target, tmp_path / f"m{suffix}", [ids[:2]])
+        out_fmt = get_format(target)
+        out = out_fmt.runner(out_fmt.load(tmp_path / f"m{suffix}", tmp_path), runtime, 2)([ids[:32]])
+        np.testing.assert_allclose(out, in_memory, atol=1e-4)
+    with pytest.raises(EngineError, match="attention heads"):
+        fmt.save(model, tmp_path / "out.zip")
+
+
+def test_head_pruning_refusals(bert_zip, tokens, tmp_path):
+    fmt = get_format("hf")
+    ids, labels = tokens
+    data = {"calibration": Dataset(name="calibration", inputs={"input_ids": ids}, labels=labels)}
+    cases = [({"heads": 0.2}, "no_effect", "removes no head"),  # floor(0.2 x 4) = 0
+             ({"heads": 0.5, "targets": ["*.intermediate.*"]}, "no_effect", "no attention block matched")]
+    for extra, code, message in cases:
+        model = fmt.load(bert_zip, tmp_path)
+        recipe = parse_recipe({"steps": [{"type": "prune", "method": "channel", "sparsity": 0, **extra}]})
+        with pytest.raises(EngineError, match=message) as err:
+            run_steps(model, recipe, datasets=data, workdir=tmp_path)
+        assert err.value.code == code
+    with pytest.raises(RecipeError, match="sparsity .channels. or heads"):
+        parse_recipe({"steps": [{"type": "prune", "method": "channel", "sparsity": 0}]})
+
+
+def test_recipe_outputs_for_head_pruning():
+    heads = parse_recipe({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5, "heads": 0.5}]})
+    assert check_against_format(heads, "hf") == ["pt2", "onnx"]  # a config cannot describe pruned heads
+    with pytest.raises(RecipeError) as err:
+        check_against_format(Recipe.model_validate({**heads.model_dump(), "outputs": ["onnx", "hf"]}), "hf")
+    assert err.value.errors[0]["field"] == "outputs[1]" and "pt2 or onnx" in err.value.errors[0]["message"]
+    with pytest.raises(RecipeError) as err:
+        check_against_format(heads, "package")
+    assert err.value.errors[0]["field"] == "steps[0].heads"
 
 
 def test_recipe_outputs_for_hf():

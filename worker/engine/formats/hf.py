@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,20 @@ def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         net.tie_weights()
 
 
+@dataclass
+class AttentionHeads:
+    """One self-attention block: the projections whose output rows come in `head_size` blocks per head, the
+    output projection whose input columns do, and the module whose head count follows them."""
+
+    name: str
+    module: torch.nn.Module
+    query: torch.nn.Linear
+    key: torch.nn.Linear
+    value: torch.nn.Linear
+    output: torch.nn.Linear
+    head_size: int
+
+
 class _Logits(torch.nn.Module):
     """input_ids -> logits (or the first output): a plain tensor graph for torch.export and ONNX."""
 
@@ -165,6 +180,10 @@ class HFFormat(ModelFormat):
 
     def save(self, model: LoadedModel, path: Path) -> None:
         from transformers.utils import logging as hf_logging
+
+        if model.extra.get("heads_pruned"):  # also refused at submit; this guards the engine's own callers
+            raise EngineError("unsupported", f"{model.extra['heads_pruned']} removed attention heads, which a Hugging "
+                                             "Face config cannot describe: write pt2 or onnx")
 
         hf_logging.disable_progress_bar()
         net = model.handle
@@ -228,6 +247,22 @@ class HFFormat(ModelFormat):
         """Layers whose output features may be removed: the MLP up-projections (intermediate width)."""
         return {name for name, mod in model.handle.named_modules()
                 if isinstance(mod, torch.nn.Linear) and name.endswith(_MLP_UP)}
+
+    def attention_heads(self, model: LoadedModel) -> list[AttentionHeads]:
+        """Self-attention blocks laid out as BERT's (BertAttention: self.query/key/value + output.dense), the
+        layout of the BERT family (RoBERTa, ELECTRA, DistilRoBERTa...), whose forward infers the head count
+        from the projection width, so removing heads needs no config change at run time."""
+        groups = []
+        for name, mod in model.handle.named_modules():
+            attn, out = getattr(mod, "self", None), getattr(getattr(mod, "output", None), "dense", None)
+            projections = [getattr(attn, p, None) for p in ("query", "key", "value")]
+            head_size = getattr(attn, "attention_head_size", None)
+            if isinstance(out, torch.nn.Linear) and isinstance(head_size, int) \
+                    and all(isinstance(p, torch.nn.Linear) for p in projections) \
+                    and all(p.out_features == out.in_features for p in projections):
+                groups.append(AttentionHeads(name=name, module=attn, query=projections[0], key=projections[1],
+                                             value=projections[2], output=out, head_size=head_size))
+        return groups
 
     def after_channel_prune(self, model: LoadedModel) -> list[str]:
         """Write the new widths into the config so save_pretrained + from_pretrained rebuild this architecture."""

@@ -21,6 +21,7 @@ from worker.engine.datasets import Dataset, arrange
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel, first_tensor, get_format
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
+from worker.engine.passes.heads import remove_heads
 
 # Layers torch-pruning can remove output channels/features from.
 _ROOT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -142,8 +143,6 @@ def _param_count(net: nn.Module) -> int:
 @register(ChannelPruneSpec)
 class ChannelPrune(Pass):
     def apply(self, model: LoadedModel, spec: ChannelPruneSpec, ctx: StepContext) -> StepReport:
-        import torch_pruning as tp
-
         net = eager_module(model, "channel pruning")
         fmt = get_format(model.format)
         data, data_name = data_source(ctx, spec.dataset)
@@ -159,47 +158,17 @@ class ChannelPrune(Pass):
             notes.append(f"no {spec.dataset!r} dataset: used {data_name!r} for importance/batch-norm statistics")
 
         net.eval()
-        output_layers = _output_layers(net, example_args)
-        candidates = {name: m for name, m in net.named_modules() if isinstance(m, _ROOT_TYPES)}
-        chosen = {name for name, m in candidates.items()
-                  if (spec.targets is None or _matches(name, spec.targets)) and not _matches(name, spec.ignore)
-                  and m not in output_layers}
-        # Formats whose architecture code only follows some cuts (a Hugging Face config: MLP width) narrow the choice.
-        prunable = getattr(fmt, "channel_prunable", None)
-        if prunable is not None:
-            chosen &= prunable(model)
-        if not chosen:
-            raise EngineError("no_effect", f"steps[{ctx.index}]: no prunable layer matched targets={spec.targets} "
-                                           f"ignore={spec.ignore} (the output layer is always kept); layers: "
-                                           f"{sorted(candidates)[:50]}")
-        ignored = [m for name, m in candidates.items() if name not in chosen]
-
-        if spec.importance == "taylor":
-            importance = tp.importance.TaylorImportance()
-        else:
-            importance = tp.importance.MagnitudeImportance(p=1 if spec.importance == "l1" else 2)
         shapes_before = _layer_shapes(net)
         params_before = _param_count(net)
         macs_before = metrics._torch_macs(net, [a[:1] for a in examples])
-        ctx.progress(0.1, "building the dependency graph")
-        try:
-            pruner = tp.pruner.BasePruner(
-                net, example_inputs=tuple(example_args) if len(example_args) > 1 else example_args[0],
-                importance=importance, global_pruning=False, pruning_ratio=spec.sparsity,
-                round_to=spec.round_to, ignored_layers=ignored,
-            )
-        except Exception as exc:
-            raise EngineError("unsupported", f"steps[{ctx.index}]: torch-pruning cannot trace this model: "
-                                             f"{type(exc).__name__}: {str(exc)[:500]}") from exc
-        if spec.importance == "taylor":
-            self._taylor_gradients(net, data, data_name, arrays, ctx)
-        ctx.progress(0.4, "removing channels")
-        pruner.step()
-        net.zero_grad(set_to_none=True)
-        net.eval()
-        sync = getattr(fmt, "after_channel_prune", None)
-        if sync is not None:
-            notes += sync(model)
+        heads: list[dict[str, Any]] = []
+        if spec.heads > 0:
+            heads = self._remove_heads(model, net, spec, data, data_name, arrays, ctx)
+        kept_layers: list[str] = []
+        if spec.sparsity > 0:
+            kept_layers, more_notes = self._remove_channels(model, net, spec, example_args, data, data_name, arrays,
+                                                            ctx)
+            notes += more_notes
 
         bn_layers = 0
         if spec.recalibrate_bn:
@@ -236,9 +205,79 @@ class ChannelPrune(Pass):
             "macs_before": macs_before, "macs_after": macs_after,
             "macs_ratio": round(macs_before / macs_after, 4),
             "params_ratio": round(params_before / params_after, 4),
-            "kept_layers": sorted(n for n in candidates if n not in chosen),
+            "kept_layers": kept_layers, "heads": heads,
             "bn_recalibrated": bn_layers, "dataset": data_name, "notes": notes,
         }
+
+    def _remove_channels(self, model: LoadedModel, net: nn.Module, spec: ChannelPruneSpec,
+                         example_args: list[torch.Tensor], data: Dataset | None, data_name: str | None,
+                         arrays: list[np.ndarray] | None, ctx: StepContext) -> tuple[list[str], list[str]]:
+        """torch-pruning over the dependency graph; returns the layers kept whole and notes."""
+        import torch_pruning as tp
+
+        fmt = get_format(model.format)
+        output_layers = _output_layers(net, example_args)
+        candidates = {name: m for name, m in net.named_modules() if isinstance(m, _ROOT_TYPES)}
+        chosen = {name for name, m in candidates.items()
+                  if (spec.targets is None or _matches(name, spec.targets)) and not _matches(name, spec.ignore)
+                  and m not in output_layers}
+        # Formats whose architecture code only follows some cuts (a Hugging Face config: MLP width) narrow the choice.
+        prunable = getattr(fmt, "channel_prunable", None)
+        if prunable is not None:
+            chosen &= prunable(model)
+        if not chosen:
+            raise EngineError("no_effect", f"steps[{ctx.index}]: no prunable layer matched targets={spec.targets} "
+                                           f"ignore={spec.ignore} (the output layer is always kept); layers: "
+                                           f"{sorted(candidates)[:50]}")
+        ignored = [m for name, m in candidates.items() if name not in chosen]
+
+        if spec.importance == "taylor":
+            importance = tp.importance.TaylorImportance()
+        else:
+            importance = tp.importance.MagnitudeImportance(p=1 if spec.importance == "l1" else 2)
+        ctx.progress(0.1, "building the dependency graph")
+        try:
+            pruner = tp.pruner.BasePruner(
+                net, example_inputs=tuple(example_args) if len(example_args) > 1 else example_args[0],
+                importance=importance, global_pruning=False, pruning_ratio=spec.sparsity,
+                round_to=spec.round_to, ignored_layers=ignored,
+            )
+        except Exception as exc:
+            raise EngineError("unsupported", f"steps[{ctx.index}]: torch-pruning cannot trace this model: "
+                                             f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+        if spec.importance == "taylor":
+            self._taylor_gradients(net, data, data_name, arrays, ctx)
+        ctx.progress(0.4, "removing channels")
+        pruner.step()
+        net.zero_grad(set_to_none=True)
+        net.eval()
+        sync = getattr(fmt, "after_channel_prune", None)
+        notes = sync(model) if sync is not None else []
+        return sorted(n for n in candidates if n not in chosen), notes
+
+    def _remove_heads(self, model: LoadedModel, net: nn.Module, spec: ChannelPruneSpec, data: Dataset | None,
+                      data_name: str | None, arrays: list[np.ndarray] | None, ctx: StepContext) -> list[dict]:
+        """Whole attention heads out of each matching self-attention block (formats with `attention_heads`)."""
+        find = getattr(get_format(model.format), "attention_heads", None)
+        blocks = find(model) if find is not None else []
+        if not blocks:
+            raise EngineError("unsupported", f"steps[{ctx.index}]: no self-attention block this engine can remove "
+                                             "heads from (BERT-style query/key/value + output.dense)")
+        blocks = [b for b in blocks if (spec.targets is None or _matches(b.name, spec.targets))
+                  and not _matches(b.name, spec.ignore)]
+        if not blocks:
+            raise EngineError("no_effect", f"steps[{ctx.index}]: no attention block matched targets={spec.targets} "
+                                           f"ignore={spec.ignore}")
+        ctx.progress(0.05, "removing attention heads")
+        if spec.importance == "taylor":
+            self._taylor_gradients(net, data, data_name, arrays, ctx)
+        report = [remove_heads(b, spec.heads, spec.importance) for b in blocks]
+        net.zero_grad(set_to_none=True)
+        if not any(r["removed"] for r in report):
+            raise EngineError("no_effect", f"steps[{ctx.index}]: heads={spec.heads} removes no head from blocks of "
+                                           f"{report[0]['heads_before']} heads (floor(heads x count) is 0)")
+        model.extra["heads_pruned"] = f"steps[{ctx.index}]"
+        return report
 
     @staticmethod
     def _taylor_gradients(net: nn.Module, data: Dataset | None, data_name: str | None,
