@@ -60,6 +60,10 @@ def arrange(dataset: Dataset, specs: list[InputSpec] | None) -> list[np.ndarray]
         if len(specs) == 1 and len(keys) == 1:
             keys = keys[:1]
         elif set(names) <= set(keys):
+            extra = sorted(set(keys) - set(names))
+            if extra:  # dropping e.g. an attention_mask silently would measure the model on different inputs
+                raise EngineError("bad_dataset", f"dataset {dataset.name!r} has inputs {extra} the model does not "
+                                                 f"take (it takes {names}); remove them from the dataset")
             keys = names  # matched by name (ONNX input names)
         elif len(keys) != len(specs):
             raise EngineError("bad_dataset", f"dataset {dataset.name!r} has inputs {keys}, the model takes "

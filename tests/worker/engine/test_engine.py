@@ -198,6 +198,8 @@ def test_dataset_loading_and_arrangement(tmp_path, digits):
     np.testing.assert_array_equal(arranged[0], x[:, 32:])
     by_name = arrange(ds, [InputSpec("b", (None, 32), np.dtype(np.float32)), InputSpec("a", (None, 32), None)])
     np.testing.assert_array_equal(by_name[0], x[:, :32])
+    with pytest.raises(EngineError, match=r"inputs \['a'\] the model does not take"):  # not dropped silently
+        arrange(ds, [InputSpec("b", (None, 32), np.dtype(np.float32))])
     with pytest.raises(EngineError) as err:
         arrange(Dataset("eval", {"x": x}, None), [InputSpec("input", (None, 1, 8, 8), np.dtype(np.float32))])
     assert err.value.code == "bad_dataset" and "(64,)" in err.value.message
