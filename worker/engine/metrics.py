@@ -56,6 +56,13 @@ def batch_inputs(inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(a[idx]) for a in inputs]
 
 
+def _prepare(run: Runner, x: list[np.ndarray]) -> None:
+    """One-time work for this input shape (a torch.compile compile), so it is never timed, whatever `warmup`."""
+    prepare = getattr(run, "prepare", None)
+    if prepare is not None:
+        prepare(x)
+
+
 def latency(run: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmup: int, repeats: int,
             fixed_batch: int | None, notes: list[str], label: str) -> dict[str, dict[str, float]]:
     """{batch: {median, p90}} in ms; batch sizes a fixed-batch model cannot take are left out with a note."""
@@ -65,6 +72,7 @@ def latency(run: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmu
             notes.append(f"{label}: batch {b} skipped, the model has a fixed batch of {fixed_batch}")
             continue
         x = batch_inputs(inputs, b)
+        _prepare(run, x)
         for _ in range(warmup):
             run(x)
         times = []
@@ -86,6 +94,8 @@ def latency_pair(run_a: Runner, run_b: Runner, inputs: list[np.ndarray], batch_s
         if fixed_batch and b != fixed_batch:
             continue
         x = batch_inputs(inputs, b)
+        _prepare(run_a, x)
+        _prepare(run_b, x)
         for _ in range(warmup):
             run_a(x)
             run_b(x)

@@ -25,6 +25,11 @@ JSON object:
            The codebook is float16 when every value is exactly a float16 (Squeeze's cluster pass snaps centroids to
            float16 for this), else the original dtype: restoring is always bit-exact.
 
+- binary:  tensors {"signs": NAME + "/signs", "scales": NAME + "/scales"}; for a tensor of >= 2 dims whose every
+           row (index along dim 0) holds only +s_r and -s_r for one s_r >= 0. scales[r] = s_r (float16 when exact,
+           "scale_dtype"), signs one bit per element in C order packed like a sparse mask: a set bit is +s_r, a clear
+           bit -s_r. bits = 1. Squeeze's `binary` quantize step writes weights of this form.
+
 "bfloat16" tensors (from torch) are stored as their raw 16-bit patterns and restored as float32 (exact).
 """
 
@@ -106,6 +111,25 @@ def _palette(a: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray, int] | 
     return codebook, inverse.reshape(-1), bits
 
 
+def _binary(a: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(packed sign bits, per-row scales) when each row of `a` is +-s for one s per row, else None."""
+    if a.ndim < 2 or a.size == 0 or label not in ("float32", "float64", "float16"):
+        return None
+    rows = a.reshape(a.shape[0], -1)
+    scales = np.abs(rows[:, 0]).copy()
+    if not np.isfinite(scales).all():
+        return None
+    pos = _raw(rows) == _raw(np.broadcast_to(scales[:, None], rows.shape).copy())
+    neg = _raw(rows) == _raw(np.broadcast_to(-scales[:, None], rows.shape).copy())
+    if not (pos | neg).all():
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        as16 = scales.astype(np.float16)
+    if np.array_equal(_raw(as16.astype(a.dtype)), _raw(scales)):
+        scales = as16
+    return np.packbits(pos.reshape(-1), bitorder="little"), np.ascontiguousarray(scales)
+
+
 def write_compact(tensors: dict[str, Any], path: str | Path) -> dict:
     """Write every tensor in its cheapest exact layout; return the manifest (also stored in the file)."""
     out: dict[str, np.ndarray] = {}
@@ -130,6 +154,11 @@ def write_compact(tensors: dict[str, Any], path: str | Path) -> dict:
                 pal_bytes = codebook.nbytes + (n * bits + 7) // 8
                 if pal_bytes < best[1]:
                     best = ("palette", pal_bytes)
+            binary = _binary(a, label)
+            if binary is not None:
+                signs, scales = binary
+                if signs.nbytes + scales.nbytes < best[1]:
+                    best = ("binary", signs.nbytes + scales.nbytes)
         layout = best[0]
         if layout == "dense":
             names = {"data": name}
@@ -140,6 +169,10 @@ def write_compact(tensors: dict[str, Any], path: str | Path) -> dict:
             out[names["mask"]] = np.packbits(nz, bitorder="little")
             out[names["values"]] = np.ascontiguousarray(a.reshape(-1)[nz])
             entry.update(bits=item * 8, nnz=nnz)
+        elif layout == "binary":
+            names = {"signs": f"{name}/signs", "scales": f"{name}/scales"}
+            out[names["signs"]], out[names["scales"]] = signs, scales
+            entry.update(bits=1, scale_dtype=str(scales.dtype))
         else:
             names = {"codebook": f"{name}/codebook", "indices": f"{name}/indices"}
             out[names["codebook"]] = np.ascontiguousarray(codebook)
@@ -190,6 +223,11 @@ def load_compact(path: str | Path) -> dict[str, np.ndarray]:
             elif e["layout"] == "palette":
                 codebook = f.get_tensor(names["codebook"]).astype(dtype)
                 a = codebook[unpack_indices(f.get_tensor(names["indices"]), int(e["bits"]), n)].reshape(shape)
+            elif e["layout"] == "binary":
+                scales = f.get_tensor(names["scales"]).astype(dtype)
+                signs = np.unpackbits(f.get_tensor(names["signs"]), count=n, bitorder="little").astype(bool)
+                rows = np.broadcast_to(scales[:, None], (shape[0], n // shape[0]))
+                a = np.where(signs.reshape(shape[0], -1), rows, -rows).astype(dtype).reshape(shape)
             else:
                 raise ValueError(f"{path}: tensor {name!r} has unknown layout {e['layout']!r}")
             result[name] = _bf16_to_f32(a) if bf16 else a

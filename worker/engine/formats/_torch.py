@@ -13,9 +13,33 @@ import torch
 from worker.engine.formats.base import Runner, WeightRef, first_tensor
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain float tensor of `t`: torchao's quantized tensor subclasses dequantized."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "dequantize"):
+        return t.detach().dequantize()
+    return t.detach()
+
+
+def is_dynamic_quantized(mod: Any) -> bool:
+    """A Linear replaced by torch's eager dynamic int8 quantization."""
+    return type(mod).__module__.startswith("torch.ao.nn.quantized.dynamic") and hasattr(mod, "_weight_bias")
+
+
+def dynamic_quantized_ref(name: str, mod: Any) -> WeightRef:
+    def read() -> torch.Tensor:
+        return mod._weight_bias()[0].dequantize()
+
+    def write(new: torch.Tensor) -> None:
+        from worker.engine.errors import EngineError
+
+        raise EngineError("unsupported", f"{name} is int8 (dynamic quantization); a step cannot edit it")
+
+    return WeightRef(name=name, shape=tuple(read().shape), read=read, write=write)
+
+
 def tensor_ref(name: str, t: torch.Tensor) -> WeightRef:
     def read() -> torch.Tensor:
-        return t.detach()
+        return plain(t)
 
     def write(new: torch.Tensor) -> None:
         # In place: the exported program, its module() and the state dict share this storage.
@@ -25,8 +49,21 @@ def tensor_ref(name: str, t: torch.Tensor) -> WeightRef:
     return WeightRef(name=name, shape=tuple(t.shape), read=read, write=write)
 
 
-def module_runner(module: Any, threads: int) -> Runner:
+def module_runner(module: Any, threads: int, runtime: str = "torch") -> Runner:
+    """Runs `module` eagerly (`torch`) or compiled by inductor (`torch-compile`).
+
+    Compiled: static shapes (`dynamic=False`; a dynamic batch hit an inductor assertion in int8 conv) with freezing
+    (weights folded as constants, which PT2E int8 graphs need for their int8 kernels, FACTS.md). Each new input
+    shape is a compile: `run.prepare(inputs)` compiles for a shape, and the latency code calls it before its warmup
+    so compile time is never timed.
+    """
     torch.set_num_threads(max(1, threads))
+    if runtime == "torch-compile":
+        return _compiled_runner(module)
+    if runtime != "torch":
+        from worker.engine.errors import EngineError
+
+        raise EngineError("unsupported", f"a torch model runs on torch or torch-compile, not {runtime}")
 
     def run(inputs: list[np.ndarray]) -> np.ndarray:
         args = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
@@ -34,6 +71,36 @@ def module_runner(module: Any, threads: int) -> Runner:
             out = first_tensor(module(*args))
         return out.detach().float().numpy()
 
+    return run
+
+
+def _compiled_runner(module: Any) -> Runner:
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    # One graph per batch size (and per predict chunk): more than dynamo's default of 8 recompiles, after which it
+    # would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(module, dynamic=False)
+    seen: set[tuple] = set()
+
+    def call(inputs: list[np.ndarray]) -> np.ndarray:
+        args = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            out = first_tensor(compiled(*args))
+        return out.detach().float().numpy()
+
+    def prepare(inputs: list[np.ndarray]) -> None:
+        key = tuple((x.shape, str(x.dtype)) for x in inputs)
+        if key not in seen:
+            call(inputs)
+            seen.add(key)
+
+    def run(inputs: list[np.ndarray]) -> np.ndarray:
+        prepare(inputs)
+        return call(inputs)
+
+    run.prepare = prepare  # type: ignore[attr-defined]
     return run
 
 

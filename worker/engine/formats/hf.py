@@ -158,7 +158,7 @@ class _Logits(torch.nn.Module):
 class HFFormat(ModelFormat):
     name = "hf"
     suffix = ".zip"
-    runtimes = ("torch",)
+    runtimes = ("torch", "torch-compile")
 
     def load(self, path: Path, workdir: Path) -> LoadedModel:
         folder = _find_folder(_extract_checked(path, workdir / f"hf-{next(_counter)}", "Hugging Face zip"))
@@ -238,9 +238,7 @@ class HFFormat(ModelFormat):
         return [InputSpec("input_ids", (None, None), np.dtype(np.int64))]
 
     def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
-        if runtime != "torch":
-            raise EngineError("unsupported", f"a Hugging Face model runs on torch, not {runtime}")
-        return _torch.module_runner(model.handle, threads)
+        return _torch.module_runner(model.handle, threads, runtime)
 
     # Hooks for channel pruning (worker/engine/passes/channel.py).
     def channel_prunable(self, model: LoadedModel) -> set[str]:

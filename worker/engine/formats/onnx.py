@@ -13,11 +13,16 @@ from onnx import external_data_helper, numpy_helper
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import InputSpec, LoadedModel, ModelFormat, Runner, WeightRef, register
 
-# op type -> input positions that hold a layer weight.
-_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
-# A weight often reaches MatMul through a Transpose/Identity of an initializer.
-_PASS_THROUGH = {"Transpose", "Identity"}
+# op type -> input positions that hold a layer weight (MatMulInteger/ConvInteger: ONNX Runtime dynamic int8).
+_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "MatMulInteger": (1,),
+                  "ConvInteger": (1,)}
+# A weight often reaches MatMul through a Transpose/Identity of an initializer; in a QDQ int8 graph, through the
+# DequantizeLinear of its int8 initializer.
+_PASS_THROUGH = {"Transpose", "Identity", "DequantizeLinear"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+_INT_WEIGHT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+# Quantized-graph inputs that carry a stored (quantized) parameter rather than a scale or zero point.
+_QUANTIZED_VALUE_INPUTS = {"DequantizeLinear": 0, "MatMulInteger": 1, "ConvInteger": 1}
 _MAX_PROTO_BYTES = 2**31 - 1
 
 
@@ -87,7 +92,8 @@ class OnnxFormat(ModelFormat):
                 if name not in inits and producer is not None and producer.op_type in _PASS_THROUGH:
                     name = producer.input[0]
                 init = inits.get(name)
-                if init is None or init.data_type not in _FLOAT_TYPES or len(init.dims) < 2 or name in names:
+                if init is None or init.data_type not in _FLOAT_TYPES | _INT_WEIGHT_TYPES or len(init.dims) < 2 \
+                        or name in names:
                     continue
                 names.append(name)
         return [self._ref(model, inits[n]) for n in names]
@@ -103,8 +109,14 @@ class OnnxFormat(ModelFormat):
         return WeightRef(name=init.name, shape=tuple(int(d) for d in init.dims), read=read, write=write)
 
     def parameters(self, model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
-        return [(i.name, torch.from_numpy(numpy_helper.to_array(i).copy()))
-                for i in model.handle.graph.initializer if i.data_type in _FLOAT_TYPES]
+        """Float initializers, and in a quantized graph the stored int8/int32 values (not scales or zero points)."""
+        graph = model.handle.graph
+        stored = {node.input[pos] for node in graph.node for op, pos in _QUANTIZED_VALUE_INPUTS.items()
+                  if node.op_type == op and len(node.input) > pos}
+        qparams = {name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   for name in node.input[1:]}
+        return [(i.name, torch.from_numpy(numpy_helper.to_array(i).copy())) for i in graph.initializer
+                if i.name in stored or (i.data_type in _FLOAT_TYPES and i.name not in qparams)]
 
     def input_specs(self, model: LoadedModel) -> list[InputSpec]:
         inits = {i.name for i in model.handle.graph.initializer}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import stat
 import sys
 import zipfile
@@ -20,6 +21,7 @@ from worker.engine.formats.base import InputSpec, LoadedModel, ModelFormat, Runn
 MODEL_PY = "model.py"
 WEIGHTS = "weights.safetensors"
 EXAMPLES = "example_inputs.safetensors"
+QUANTIZATION = "quantization.json"  # written for eagerly quantized weights (formats/_quantized.py)
 _LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                 torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 _counter = itertools.count()
@@ -57,7 +59,7 @@ def _extract(path: Path, dest: Path) -> Path:
 class PackageFormat(ModelFormat):
     name = "package"
     suffix = ".zip"
-    runtimes = ("torch",)
+    runtimes = ("torch", "torch-compile")
 
     def load(self, path: Path, workdir: Path) -> LoadedModel:
         folder = _extract(path, workdir / f"package-{next(_counter)}")
@@ -80,9 +82,16 @@ class PackageFormat(ModelFormat):
             raise EngineError("bad_model", f"{MODEL_PY} failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(net, torch.nn.Module):
             raise EngineError("bad_model", f"build_model() returned {type(net).__name__}, not a torch.nn.Module")
+        quantized = None
         try:
             state = load_file(str(folder / WEIGHTS))
-            net.load_state_dict(state, strict=True)
+            if (folder / QUANTIZATION).is_file():  # int8/int4 weights of an eagerly quantized model
+                from worker.engine.formats import _quantized
+
+                quantized = json.loads((folder / QUANTIZATION).read_text(encoding="utf-8"))
+                _quantized.restore_state(net, state, quantized)
+            else:
+                net.load_state_dict(state, strict=True)
         except Exception as exc:
             raise EngineError("bad_model", f"{WEIGHTS} does not match build_model(): {type(exc).__name__}: "
                                            f"{exc}") from exc
@@ -95,7 +104,10 @@ class PackageFormat(ModelFormat):
                 examples = [raw[k].numpy() for k in keys]
             except Exception as exc:
                 raise EngineError("bad_model", f"cannot read {EXAMPLES}: {exc}") from exc
-        return LoadedModel(format=self.name, path=path, handle=net, extra={"folder": folder, "examples": examples})
+        extra = {"folder": folder, "examples": examples}
+        if quantized is not None:
+            extra["quantized"] = {k: quantized[k] for k in ("method", "modules", "per_channel")}
+        return LoadedModel(format=self.name, path=path, handle=net, extra=extra)
 
     def save(self, model: LoadedModel, path: Path) -> None:
         changed = model.extra.get("architecture_changed")
@@ -103,16 +115,24 @@ class PackageFormat(ModelFormat):
             raise EngineError("unsupported", f"{changed} changed the architecture, so the package's build_model() "
                                              "no longer fits the weights: write pt2 or onnx instead")
         folder: Path = model.extra["folder"]
-        # Clones: safetensors refuses tensors that share storage (tied weights).
-        state = {k: v.detach().contiguous().clone() for k, v in model.handle.state_dict().items()}
+        manifest = None
+        if model.extra.get("quantized"):  # int8/int4 modules: stored as integers + quantization.json
+            from worker.engine.formats import _quantized
+
+            state, manifest = _quantized.saved_state(model.handle, model.extra["quantized"])
+        else:
+            # Clones: safetensors refuses tensors that share storage (tied weights).
+            state = {k: v.detach().contiguous().clone() for k, v in model.handle.state_dict().items()}
         tmp = path.with_suffix(".weights.tmp")
         save_file(state, str(tmp))
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for f in sorted(folder.rglob("*")):
                 rel = f.relative_to(folder).as_posix()
-                if f.is_file() and rel != WEIGHTS and "__pycache__" not in rel:
+                if f.is_file() and rel not in (WEIGHTS, QUANTIZATION) and "__pycache__" not in rel:
                     zf.write(f, rel)
             zf.write(tmp, WEIGHTS)
+            if manifest is not None:
+                zf.writestr(QUANTIZATION, json.dumps(manifest, indent=1, sort_keys=True))
         tmp.unlink()
 
     def export(self, model: LoadedModel, target: str, path: Path, examples: list[np.ndarray] | None) -> list[str]:
@@ -153,10 +173,20 @@ class PackageFormat(ModelFormat):
                     and id(w) not in seen:
                 seen.add(id(w))
                 refs.append(_torch.tensor_ref(f"{mod_name}.weight" if mod_name else "weight", w))
+            elif _torch.is_dynamic_quantized(mod):  # read-only: the dequantized int8 weight
+                refs.append(_torch.dynamic_quantized_ref(f"{mod_name}.weight" if mod_name else "weight", mod))
         return refs
 
     def parameters(self, model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
-        return list(model.handle.named_parameters())
+        """Learnable tensors; quantized weights (torchao tensors, dynamic int8 Linear) as their dequantized values."""
+        params = [(n, _torch.plain(t)) for n, t in model.handle.named_parameters()]
+        for mod_name, mod in model.handle.named_modules():
+            if _torch.is_dynamic_quantized(mod):
+                w, b = mod._weight_bias()
+                params.append((f"{mod_name}.weight", w.dequantize()))
+                if b is not None:
+                    params.append((f"{mod_name}.bias", b.detach()))
+        return params
 
     def example_inputs(self, model: LoadedModel) -> list[np.ndarray] | None:
         return model.extra.get("examples")
@@ -168,7 +198,5 @@ class PackageFormat(ModelFormat):
         return [InputSpec(f"input_{i}", (None, *a.shape[1:]), a.dtype) for i, a in enumerate(examples)]
 
     def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
-        if runtime != "torch":
-            raise EngineError("unsupported", f"a package runs on torch, not {runtime}")
-        return _torch.module_runner(model.handle, threads)
+        return _torch.module_runner(model.handle, threads, runtime)
 

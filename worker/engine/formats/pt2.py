@@ -36,13 +36,22 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
         return None
 
 
+def register_quantized_ops() -> None:
+    """Registers the quantized_decomposed ops an int8 PT2E program calls, which torch.export.load must resolve."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:  # torch.ao.quantization moved to torchao
+        import torchao.quantization.pt2e  # noqa: F401
+
+
 @register
 class Pt2Format(ModelFormat):
     name = "pt2"
     suffix = ".pt2"
-    runtimes = ("torch",)
+    runtimes = ("torch", "torch-compile")
 
     def load(self, path: Path, workdir: Path) -> LoadedModel:
+        register_quantized_ops()
         try:
             ep = torch.export.load(str(path))
         except Exception as exc:
@@ -119,6 +128,4 @@ class Pt2Format(ModelFormat):
         return [t.detach().cpu().numpy() for t in ex[0]]
 
     def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
-        if runtime != "torch":
-            raise EngineError("unsupported", f"a pt2 model runs on torch, not {runtime}")
-        return _torch.module_runner(self._module(model), threads)
+        return _torch.module_runner(self._module(model), threads, runtime)
