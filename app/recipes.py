@@ -13,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 ModelFormat = Literal["pt2", "onnx", "package", "hf"]
 OutputFormat = Literal["pt2", "onnx", "package", "hf", "safetensors"]
-Runtime = Literal["torch", "onnxruntime"]
+Runtime = Literal["torch", "torch-compile", "onnxruntime"]
 
 # Which output formats each input format can produce. ONNX cannot go back to a torch graph.
 OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
@@ -24,10 +24,12 @@ OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
 }
 # The runtime a format naturally runs on, used when evaluate.runtimes is not given.
 NATIVE_RUNTIME: dict[str, str] = {"pt2": "torch", "package": "torch", "hf": "torch", "onnx": "onnxruntime"}
+# torch-compile: inductor with static shapes (dynamic=False; a dynamic batch hit an inductor assertion in int8
+# conv, FACTS.md), compiled once per batch size before timing.
 RUNTIMES_BY_FORMAT: dict[str, tuple[str, ...]] = {
-    "pt2": ("torch",),
-    "package": ("torch",),
-    "hf": ("torch",),
+    "pt2": ("torch", "torch-compile"),
+    "package": ("torch", "torch-compile"),
+    "hf": ("torch", "torch-compile"),
     "onnx": ("onnxruntime",),
     "safetensors": (),  # a storage format: loaded back into a dense model to run
 }
@@ -122,6 +124,55 @@ class FinetuneSpec(StepSpec):
     seed: int = 0
 
 
+QuantMethod = Literal["static_int8", "dynamic_int8", "weight_int8", "weight_int4", "binary"]
+KeepFloat = Literal["first", "last", "norm"]
+# Layers kept in float unless `keep_float` says otherwise: the first layer (raw inputs, few input channels: slow
+# and lossy in int8) and the last (the logits) for static int8; the logits for the other int8/int4 methods.
+# `binary` keeps nothing by default: its point is storage, and a float first layer would dominate a small model.
+DEFAULT_KEEP_FLOAT: dict[str, tuple[str, ...]] = {
+    "static_int8": ("first", "last", "norm"), "dynamic_int8": ("last", "norm"), "weight_int8": ("last", "norm"),
+    "weight_int4": ("last", "norm"), "binary": ("norm",),
+}
+
+
+class QuantizeSpec(StepSpec):
+    """Quantization. `static_int8`: int8 weights and activations calibrated on a dataset (ONNX Runtime QDQ for
+    ONNX output, PT2E with the X86 inductor quantizer for .pt2 output). `dynamic_int8`: int8 weights, activations
+    quantized per batch at run time (ONNX Runtime dynamic for ONNX, eager dynamic quantization for model packages).
+    `weight_int8`/`weight_int4`: torchao weight-only (eager models; int4 in groups of `group_size`). `binary`: 1-bit
+    sign weights with a per-output-channel scale, a storage format (compact safetensors output); the model runs
+    with the weights decoded to float."""
+
+    type: Literal["quantize"] = "quantize"
+    method: QuantMethod = "static_int8"
+    dataset: Literal["calibration", "train", "eval"] = Field(
+        "calibration", description="Calibration data for static_int8 (another of the job's datasets if absent).")
+    samples: int = Field(256, ge=1, le=100_000, description="Calibration samples used (static_int8).")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="How activation ranges are chosen from the calibration data (static_int8).")
+    per_channel: bool = Field(True, description="One weight scale per output channel (else one per tensor).")
+    group_size: int | None = Field(
+        None, description="weight_int4 (default 128) and weight_int8 (default: per channel): weights share a "
+                          "scale in groups of this many along the input dimension.")
+    keep_float: list[KeepFloat] | None = Field(
+        None, description="Layer kinds left in float: first (takes the model input), last (produces the output), "
+                          "norm (normalization ops). Default: first+last+norm for static_int8, last+norm for the "
+                          "other int8/int4 methods, norm for binary. `targets`/`ignore` select among the rest.")
+
+    @model_validator(mode="after")
+    def _group_size_fits(self) -> "QuantizeSpec":
+        if self.group_size is not None:
+            if self.method not in ("weight_int4", "weight_int8"):
+                raise ValueError("group_size applies to weight_int4 and weight_int8 only")
+            if self.group_size not in (16, 32, 64, 128, 256):
+                raise ValueError("group_size must be one of 16, 32, 64, 128, 256")
+        return self
+
+    @property
+    def kept_kinds(self) -> tuple[str, ...]:
+        return tuple(self.keep_float) if self.keep_float is not None else DEFAULT_KEEP_FLOAT[self.method]
+
+
 def _step_tag(value: Any) -> str | None:
     step_type = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     if step_type == "prune":
@@ -132,12 +183,13 @@ def _step_tag(value: Any) -> str | None:
 
 Step = Annotated[
     Annotated[PruneSpec, Tag("prune:magnitude")] | Annotated[ChannelPruneSpec, Tag("prune:channel")]
-    | Annotated[ClusterSpec, Tag("cluster")] | Annotated[FinetuneSpec, Tag("finetune")],
+    | Annotated[ClusterSpec, Tag("cluster")] | Annotated[FinetuneSpec, Tag("finetune")]
+    | Annotated[QuantizeSpec, Tag("quantize")],
     Discriminator(_step_tag, custom_error_type="invalid_step",
-                  custom_error_message="unknown step type; expected one of: prune, cluster, finetune"),
+                  custom_error_message="unknown step type; expected one of: prune, cluster, finetune, quantize"),
 ]
-STEP_SPECS: tuple[type[StepSpec], ...] = (PruneSpec, ChannelPruneSpec, ClusterSpec, FinetuneSpec)
-STEP_TAGS = {"prune:magnitude", "prune:channel", "cluster", "finetune"}
+STEP_SPECS: tuple[type[StepSpec], ...] = (PruneSpec, ChannelPruneSpec, ClusterSpec, FinetuneSpec, QuantizeSpec)
+STEP_TAGS = {"prune:magnitude", "prune:channel", "cluster", "finetune", "quantize"}
 # Step types that need an eager nn.Module (model package or Hugging Face folder).
 EAGER_ONLY = {ChannelPruneSpec: "channel pruning", FinetuneSpec: "fine-tuning"}
 EAGER_FORMATS = ("package", "hf")
@@ -184,6 +236,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recipe": {"version": 1, "steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
                                             "importance": "l2", "round_to": 8}], "outputs": ["pt2", "onnx"]},
     },
+    "int8": {
+        "description": "Static int8 (weights and activations, calibrated on the calibration dataset), written as "
+                       "ONNX for ONNX Runtime: the fast CPU path.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
+                   "evaluate": {"runtimes": ["onnxruntime"]}},
+    },
+    "int8-dynamic": {
+        "description": "Dynamic int8 (int8 weights, activations quantized per batch; no calibration data), written "
+                       "as ONNX: for Linear/LSTM-heavy models such as transformers.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "dynamic_int8"}], "outputs": ["onnx"],
+                   "evaluate": {"runtimes": ["onnxruntime"]}},
+    },
+    "int4-weights": {
+        "description": "torchao int4 weight-only quantization in groups of 128 (model packages): a memory and "
+                       "storage saving, not a CPU speed-up.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "weight_int4", "group_size": 128}],
+                   "outputs": ["package"]},
+    },
     "palette-16": {
         "description": "Weight sharing: 16 clusters per layer, stored as codebook + 4-bit indices (safetensors).",
         "recipe": {"version": 1, "steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]},
@@ -226,6 +296,63 @@ def parse_recipe(value: Any) -> Recipe:
         ) from None
 
 
+# What a quantized model can be written as, by method and input format, and why not otherwise.
+QUANTIZE_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "static_int8": {"pt2": ("onnx", "pt2"), "package": ("onnx", "pt2"), "hf": ("onnx", "pt2"), "onnx": ("onnx",)},
+    "dynamic_int8": {"pt2": ("onnx",), "package": ("onnx", "package"), "hf": ("onnx",), "onnx": ("onnx",)},
+    "weight_int8": {"package": ("package",)},
+    "weight_int4": {"package": ("package",)},
+    "binary": OUTPUTS_BY_INPUT,
+}
+_QUANTIZE_WHY = {
+    "static_int8": "static int8 runs as a graph with int8 kernels: ask for onnx (ONNX Runtime, the fast CPU path) "
+                   "or pt2 (PT2E, for torch.compile)",
+    "dynamic_int8": "dynamic int8 is written as ONNX (ONNX Runtime dynamic quantization) or, for a model package, "
+                    "as a package of int8 weights: ask for onnx",
+    "weight_int8": "torchao weight-only int8 is stored in a model package (exported to ONNX it comes out fp32): "
+                   "ask for package",
+    "weight_int4": "torchao weight-only int4 is stored in a model package (exported to ONNX it comes out fp32): "
+                   "ask for package",
+}
+
+
+def quantize_default_outputs(recipe: Recipe, model_format: str) -> list[str] | None:
+    """The outputs a quantize step implies when the recipe names none (its method's natural form), else None."""
+    step = next((s for s in recipe.steps if isinstance(s, QuantizeSpec)), None)
+    if step is None or recipe.outputs:
+        return None
+    if step.method == "binary":
+        return ["safetensors"]  # the packed sign bits: any other form stores the decoded float weights
+    possible = QUANTIZE_OUTPUTS[step.method].get(model_format, ())
+    return [model_format] if model_format in possible else ["onnx"]
+
+
+def _quantize_errors(recipe: Recipe, model_format: str, outputs: list[str]) -> list[dict[str, str]]:
+    errors = []
+    quant = [(i, s) for i, s in enumerate(recipe.steps) if isinstance(s, QuantizeSpec)]
+    for i, step in quant:
+        if i != len(recipe.steps) - 1:
+            errors.append({"field": f"steps[{i}]", "message": "quantize must be the last step (a later step would "
+                                                              "train or edit the float weights again)"})
+        field = f"steps[{i}].method"
+        possible = QUANTIZE_OUTPUTS[step.method].get(model_format)
+        if possible is None:
+            if model_format == "hf":
+                message = (f"{step.method} (torchao) is stored in model packages only so far; for a Hugging Face "
+                           "model use dynamic_int8 (ONNX output) or upload it as a model package")
+            else:
+                message = (f"{step.method} (torchao) needs an eager model: upload a model package (zip of model.py "
+                           f"with build_model() + weights.safetensors), not {model_format}; for ONNX or .pt2 models "
+                           "use static_int8 or dynamic_int8")
+            errors.append({"field": field, "message": message})
+            continue
+        for j, fmt in enumerate(outputs):
+            if fmt not in possible and fmt in OUTPUTS_BY_INPUT[model_format]:
+                errors.append({"field": f"outputs[{j}]", "message": f"steps[{i}]: {_QUANTIZE_WHY[step.method]}; "
+                                                                    f"possible outputs: {list(possible)}"})
+    return errors
+
+
 def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     """The output formats the job will write, or RecipeError for what the input format cannot do."""
     allowed = OUTPUTS_BY_INPUT[model_format]
@@ -233,7 +360,8 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     head_pruned = [i for i, step in enumerate(recipe.steps) if isinstance(step, ChannelPruneSpec) and step.heads > 0]
     # After a structural change the input's own form no longer fits: default to graph formats.
     graph_outputs = (reshaped and model_format == "package") or (head_pruned and model_format == "hf")
-    outputs = list(recipe.outputs or (["pt2", "onnx"] if graph_outputs else [model_format]))
+    outputs = list(recipe.outputs or quantize_default_outputs(recipe, model_format)
+                   or (["pt2", "onnx"] if graph_outputs else [model_format]))
     errors = [
         {"field": f"steps[{i}]", "message": f"{EAGER_ONLY[type(step)]} needs an eager model: upload a model package "
                                             f"(zip of model.py with build_model() + weights.safetensors) or a "
@@ -259,6 +387,7 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
                                                f"possible outputs: {list(allowed)}"}
         for i, fmt in enumerate(outputs) if fmt not in allowed
     ]
+    errors += _quantize_errors(recipe, model_format, outputs)
     if recipe.evaluate.runtimes:
         possible = {rt for fmt in [model_format, *outputs] for rt in RUNTIMES_BY_FORMAT.get(fmt, ())}
         errors += [

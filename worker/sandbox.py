@@ -134,6 +134,7 @@ class Job:
         with self.stage("load", f"loading the {in_format} model"):
             model_path = _inside(self.jobdir, spec["model"]["path"])
             model = fmt.load(model_path, work)
+            model.extra["outputs"] = list(outputs)  # a quantize step picks eager or graph quantization by them
             datasets = {name: load_dataset(_inside(self.jobdir, rel), name)
                         for name, rel in (spec.get("datasets") or {}).items() if rel}
 
@@ -159,9 +160,20 @@ class Job:
             runnable_outputs = [o for o in outputs if o != "safetensors"]
             result_format = get_format((runnable_outputs or [in_format])[0])
             wanted = ev.runtimes or [NATIVE_RUNTIME[result_format.name]]
-            paired = sorted(set(original_runtimes) & set(fmt.runtimes) & set(wanted) & set(result_format.runtimes))
+            if not ev.runtimes and "onnxruntime" in wanted and "onnxruntime" not in original_runtimes:
+                original_runtimes = [*original_runtimes, "onnxruntime"]  # so an ONNX result has a baseline
+            # A torch original is timed on onnxruntime as its own fp32 ONNX export: int8 ONNX against fp32 ONNX.
+            original_onnx = self.original_as_onnx(fmt, model, examples, work) \
+                if "onnxruntime" in original_runtimes and "onnxruntime" not in fmt.runtimes else None
+            original_rts = set(fmt.runtimes) | ({"onnxruntime"} if original_onnx is not None else set())
+            paired = sorted(set(original_runtimes) & original_rts & set(wanted) & set(result_format.runtimes))
             original, reference = self.measure(model, model_path, ev, original_runtimes, inputs, labels, threads,
                                                "original", blame_code="bad_model", skip_latency=paired)
+            if original_onnx is not None and "onnxruntime" not in paired:
+                with blame("bad_model", "the original's ONNX export failed to run"):
+                    original["latency_ms"]["onnxruntime"] = metrics.latency(
+                        get_format("onnx").runner(original_onnx, "onnxruntime", threads), inputs, ev.batch_sizes,
+                        ev.warmup, ev.repeats, None, self.notes, "original (fp32 ONNX export) on onnxruntime")
             layers_before = metrics.layer_sparsity(model)
 
         def on_progress(fraction: float, stage: str, message: str) -> None:
@@ -183,7 +195,9 @@ class Job:
 
                     write_model(model, out_dir / name)
                 else:
-                    self.notes += fmt.export(model, target, out_dir / name, examples)
+                    from worker.engine.passes.quantize import export_output
+
+                    self.notes += export_output(fmt, model, target, out_dir / name, examples, work)
                 artifacts.append({"name": name, "format": target, "path": name})
                 self.channel.progress("write", (i + 1) / len(outputs), f"wrote {name}")
 
@@ -216,8 +230,10 @@ class Job:
                     # Original and result timed alternately, so a load change during the job hits both alike.
                     original_again = fmt.load(model_path, work)
                     for rt in paired:
+                        run_original = fmt.runner(original_again, rt, threads) if rt in fmt.runtimes else \
+                            get_format("onnx").runner(original_onnx, rt, threads)
                         original["latency_ms"][rt], side["latency_ms"][rt] = metrics.latency_pair(
-                            fmt.runner(original_again, rt, threads), afmt.runner(loaded, rt, threads), inputs,
+                            run_original, afmt.runner(loaded, rt, threads), inputs,
                             ev.batch_sizes, ev.warmup, ev.repeats, fmt.fixed_batch(original_again))
                 if compressed is None:
                     compressed, result_outputs, first_model = side, outs, loaded
@@ -269,6 +285,20 @@ class Job:
         self.channel.progress("report", 1.0, "done")
         return {"type": "result", "metrics": result_metrics, "artifacts": artifacts, "engine_seconds": engine_seconds}
 
+    def original_as_onnx(self, fmt, model, examples, work: Path):
+        """The original exported to fp32 ONNX and loaded (for timing on onnxruntime), or None with a note."""
+        from worker.engine.formats import get_format
+
+        path = work / "original-fp32.onnx"
+        try:
+            fmt.export(model, "onnx", path, examples)
+            loaded = get_format("onnx").load(path, work)
+        except Exception as exc:  # noqa: BLE001  (a missing baseline must not fail the job)
+            self.notes.append(f"original on onnxruntime: not measured, its ONNX export failed ({type(exc).__name__})")
+            return None
+        self.notes.append("original on onnxruntime: timed as its fp32 ONNX export")
+        return loaded
+
     def measure(self, model, path: Path, ev, runtimes: list[str], inputs, labels, threads: int, label: str,
                 blame_code: str | None, skip_latency: list[str] = ()):
         """Stats, latency on each runtime the format has (but `skip_latency`, timed elsewhere), and outputs on
@@ -279,13 +309,17 @@ class Job:
         fmt = get_format(model.format)
         stats = metrics.model_stats(model, path)
         runnable = [rt for rt in runtimes if rt in fmt.runtimes] or [fmt.runtimes[0]]
+        if runnable[0] == "torch-compile":  # outputs from the eager run: a compile per predict chunk size is waste
+            runnable.insert(0, fmt.runtimes[0])
         guard = blame(blame_code, f"the {label} model failed to run on the evaluation inputs") if blame_code \
             else contextlib.nullcontext()
         fixed = fmt.fixed_batch(model)
         latency: dict[str, Any] = {}
         outputs = None
         with guard:
-            for rt in runnable:
+            for rt in dict.fromkeys(runnable):
+                if outputs is not None and not (rt in runtimes and rt not in skip_latency):
+                    continue
                 run = fmt.runner(model, rt, threads)
                 if outputs is None:
                     outputs = metrics.predict(run, inputs, fixed)

@@ -258,7 +258,7 @@ def _onnx_macs(proto) -> int | None:
     total = 0
     for node in model.graph.node:
         op = node.op_type
-        if op == "Conv":  # each output element: Cin/groups * prod(kernel) MACs = prod(W.shape[1:])
+        if op == "Conv" or op == "ConvInteger":  # each output element: Cin/groups * prod(kernel) MACs = prod(W.shape[1:])
             total += size(node.output[0]) * int(np.prod(shapes[node.input[1]][1:]))
         elif op == "ConvTranspose":  # each input element scatters into Cout/groups * prod(kernel)
             total += size(node.input[0]) * int(np.prod(shapes[node.input[1]][1:]))
@@ -266,7 +266,7 @@ def _onnx_macs(proto) -> int | None:
             a = shapes[node.input[0]]
             trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
             total += size(node.output[0]) * (a[0] if trans_a else a[1])
-        elif op == "MatMul":
+        elif op == "MatMul" or op == "MatMulInteger":  # (the int8 forms of dynamic quantization)
             a = shapes[node.input[0]]
             total += size(node.output[0]) * a[-1]
     return total // batch

@@ -81,6 +81,8 @@ def _compiled_runner(module: Any) -> Runner:
     # One graph per batch size (and per predict chunk): more than dynamo's default of 8 recompiles, after which it
     # would silently run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Compile in this process: the sandbox limits processes, and a pool of compile workers gains nothing here.
+    inductor_config.compile_threads = 1
     compiled = torch.compile(module, dynamic=False)
     seen: set[tuple] = set()
 

@@ -1,0 +1,52 @@
+"""The `int8` preset through HTTP against a real server and worker: a CNN package in, int8 ONNX out."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import onnxruntime as ort
+
+from tests import modelzoo
+from tests.conftest import new_team_key
+from tests.stack import wait_for
+from tests.test_e2e import FAST_REAPER, upload
+
+
+def test_int8_preset_through_http(stack_factory, tmp_path):
+    x_train, y_train, x_test, y_test = modelzoo.digits_split()
+    cnn = modelzoo.train_cnn()
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker(concurrency=1)
+    client = stack.client(new_team_key(stack.admin, "quant"))
+    model = upload(client, "models", modelzoo.write_package(cnn, tmp_path / "cnn.zip", modelzoo.CNN_SOURCE))
+    cal = upload(client, "datasets", modelzoo.write_npz(tmp_path / "cal.npz", modelzoo.as_images(x_train[:256])))
+    eval_ds = upload(client, "datasets", modelzoo.write_npz(tmp_path / "eval.npz", modelzoo.as_images(x_test), y_test))
+
+    refused = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {
+        "steps": [{"type": "quantize", "method": "static_int8"}], "outputs": ["package"]}})
+    assert refused.status_code == 422, refused.text
+    assert "outputs[0]" in refused.text and "onnx" in refused.text
+
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "int8",
+                                        "datasets": {"calibration": cal["id"], "eval": eval_ds["id"]}}).json()
+    assert job["outputs"] == ["onnx"]
+    job = wait_for(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["ratios"]["size"] >= 3.0
+    assert m["compressed"]["agreement"] >= 0.99 and m["ratios"]["accuracy_drop"] <= 0.005
+    assert set(m["original"]["latency_ms"]) == set(m["compressed"]["latency_ms"]) == {"onnxruntime"}
+    assert {layer["name"]: layer["bits"] for layer in m["layers"]} == {"0.weight": 32, "2.weight": 8,
+                                                                        "6.weight": 8, "8.weight": 32}
+    art = next(a for a in job["artifacts"] if a["format"] == "onnx")
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(client.get(art["url"]).content)
+    proto = onnx.load(str(path))
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"]
+    assert sum(i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2 for i in proto.graph.initializer) == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: modelzoo.as_images(x_test)})[0]
+    assert abs(float((out.argmax(1) == y_test).mean()) - m["compressed"]["accuracy"]) < 1e-6

@@ -1,0 +1,254 @@
+"""ONNX Runtime quantization of an ONNX graph: static (QDQ, uint8 activations, int8 weights) and dynamic int8.
+
+Static QDQ with uint8 activations and int8 per-channel weights is the form measured fast on x86 CPUs (FACTS.md:
+CNN 2.7x, ResNet 2.8x faster than fp32 at batch 64); int8 activations gave no speed-up. Dynamic int8 quantizes
+MatMul/Gather/LSTM/Attention: convolutions stay float, because ORT's ConvInteger is slower than a float conv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from worker.engine.errors import EngineError
+
+NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+            "SimplifiedLayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"}
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+_CALIBRATION_BATCH = 32
+
+
+@contextlib.contextmanager
+def _tempdir(workdir: Path) -> Iterator[None]:
+    """ONNX Runtime's quantizer writes temporary models: keep them in the job's work folder."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(workdir)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+def weight_nodes(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """(node, weight initializer name) of each Conv/Gemm/MatMul/Gather with a constant weight, in graph order."""
+    inits = {i.name for i in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for node in proto.graph.node:
+        pos = _WEIGHT_OPS.get(node.op_type)
+        if pos is None or pos >= len(node.input):
+            continue
+        name = node.input[pos]
+        producer = producers.get(name)
+        if name not in inits and producer is not None and producer.op_type in ("Transpose", "Identity"):
+            name = producer.input[0]
+        if name in inits:
+            found.append((node, name))
+    return found
+
+
+def layer_of(init_name: str, layers: list[str]) -> str | None:
+    """The torch layer name an exported initializer stands for (exporters keep the state-dict name, sometimes
+    under a wrapper's prefix such as `hf.`)."""
+    for layer in layers:
+        if init_name == layer or init_name.endswith("." + layer) or layer.endswith("." + init_name):
+            return layer
+    return None
+
+
+def node_layer(node: onnx.NodeProto, init_name: str, layers: list[str]) -> str | None:
+    """The layer a weight node computes: by its initializer's name, else by the module scope the dynamo exporter
+    records on the node (its constant folding renames transposed weights to `val_N`)."""
+    layer = layer_of(init_name, layers)
+    if layer is not None:
+        return layer
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            # Innermost first: the last entries are the op's own name ('linear'), then its module.
+            for scope in reversed(scopes if isinstance(scopes, list) else []):
+                layer = layer_of(f"{scope}.weight", layers) if isinstance(scope, str) and scope else None
+                if layer is not None:
+                    return layer
+    return None
+
+
+def gemm_to_matmul(proto: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, W, b) with a constant W as MatMul + Add: ONNX Runtime's dynamic quantizer only knows
+    MatMul, and the exporter writes 2-D Linear layers as Gemm. Returns the number rewritten."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            w = w.T
+        w_name = node.input[1] + "_matmul"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        if len(node.input) > 2 and node.input[2]:
+            mm_out = node.output[0] + "_matmul"
+            # The MatMul keeps the Gemm's name, so exclusions computed on the exported graph still apply.
+            nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name))
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], list(node.output), name=node.name + "_bias"))
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], w_name], list(node.output), name=node.name))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in graph.node for i in n.input}
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return count
+
+
+def strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop per-node metadata (the exporter's stack traces and module scopes) and cached shapes: they are a
+    sizeable share of a small model's file and nothing needs them to run."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+
+
+def _inputs(proto: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in inits]
+
+
+class _Reader:
+    """Calibration batches for quantize_static, the arrays in the model's input order."""
+
+    def __init__(self, names: list[str], arrays: list[np.ndarray]):
+        n = arrays[0].shape[0]
+        self._batches = iter([{name: np.ascontiguousarray(a[s:s + _CALIBRATION_BATCH]) for name, a in zip(names, arrays)}
+                              for s in range(0, n, _CALIBRATION_BATCH)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self):  # not needed: each calibration makes a new reader
+        pass
+
+
+def exclusions(proto: onnx.ModelProto, float_layers: set[str], all_layers: list[str],
+               keep_norm: bool) -> tuple[list[str], list[str], list[str]]:
+    """(node names to leave float, weight initializers that will be quantized, initializers not matched to a
+    layer). A node whose weight belongs to a float layer stays float; normalization ops too with `keep_norm`."""
+    exclude, quantized, unmatched = [], [], []
+    for node, init in weight_nodes(proto):
+        layer = node_layer(node, init, all_layers)
+        if layer is None:
+            unmatched.append(init)
+        if layer is not None and layer in float_layers:
+            exclude.append(node.name)
+        else:
+            quantized.append(init)
+    if keep_norm:
+        exclude += [n.name for n in proto.graph.node if n.op_type in NORM_OPS]
+    return exclude, quantized, unmatched
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """ONNX Runtime excludes nodes by name: give unnamed nodes one."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
+                    exclude: list[str], workdir: Path, keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """Static QDQ int8 of `proto` calibrated on `arrays`; returns the quantized model and notes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    notes = []
+    name_nodes(proto)
+    src = workdir / "quantize-fp32.onnx"
+    onnx.save(proto, str(src))
+    pre = workdir / "quantize-pre.onnx"
+    try:  # shape inference + graph optimisation, as ONNX Runtime recommends before quantizing
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        with _tempdir(workdir):
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        source = pre
+    except Exception as exc:  # noqa: BLE001  (optional step)
+        notes.append(f"onnxruntime: pre-processing skipped ({type(exc).__name__})")
+        source = src
+    op_types = sorted(op for op in QDQRegistry if not (keep_norm and op in NORM_OPS))
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[calibration]
+    out = workdir / "quantize-int8.onnx"
+    names = _inputs(onnx.load(str(source), load_external_data=False))
+    try:
+        with _tempdir(workdir):
+            ort_quantize_static(str(source), str(out), _Reader(names, arrays), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                per_channel=per_channel, calibrate_method=method, op_types_to_quantize=op_types,
+                                nodes_to_exclude=exclude)
+    except Exception as exc:
+        raise EngineError("unsupported", f"onnxruntime static quantization failed: {type(exc).__name__}: "
+                                         f"{str(exc)[:500]}") from exc
+    result = onnx.load(str(out))
+    strip_debug_info(result)
+    return result, notes
+
+
+def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list[str], workdir: Path,
+                     keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """Dynamic int8 (int8 weights, activations quantized per batch at run time) of MatMul/Gather/LSTM/Attention."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    notes = []
+    name_nodes(proto)
+    rewritten = gemm_to_matmul(proto)
+    if rewritten:
+        notes.append(f"onnxruntime: {rewritten} Gemm node(s) rewritten as MatMul + Add for dynamic quantization")
+    op_types = ["MatMul", "Gather", "LSTM", "Attention"] + ([] if keep_norm else ["EmbedLayerNormalization"])
+    if any(n.op_type == "Conv" for n in proto.graph.node):
+        notes.append("dynamic_int8 leaves convolutions float: ONNX Runtime's ConvInteger is slower than a float "
+                     "conv (FACTS.md); use static_int8 for convolutional models")
+    src = workdir / "quantize-fp32.onnx"
+    onnx.save(proto, str(src))
+    out = workdir / "quantize-int8.onnx"
+    try:
+        with _tempdir(workdir):
+            ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=op_types, per_channel=per_channel,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    except Exception as exc:
+        raise EngineError("unsupported", f"onnxruntime dynamic quantization failed: {type(exc).__name__}: "
+                                         f"{str(exc)[:500]}") from exc
+    result = onnx.load(str(out))
+    strip_debug_info(result)
+    return result, notes
+
+
+def int8_weights(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Initializers of 8-bit integer type with >= 2 dims (quantized weights): proof that quantization happened."""
+    return {i.name: tuple(i.dims) for i in proto.graph.initializer
+            if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims) >= 2}
