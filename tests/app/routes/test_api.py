@@ -236,7 +236,7 @@ def _package_zip() -> bytes:
     ({"steps": [{"type": "finetune"}]}, "onnx", "recipe.steps[0]"),
     ({"steps": [{"type": "cluster", "clusters": 257}]}, "onnx", "recipe.steps[0].clusters"),
     ({"steps": [{"type": "cluster", "clusters": 1}]}, "onnx", "recipe.steps[0].clusters"),
-    ({"steps": [{"type": "quantize"}]}, "onnx", "recipe.steps[0]"),
+    ({"steps": [{"type": "quantize", "method": "weight_int4"}]}, "onnx", "recipe.steps[0].method"),
     ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["package"]}, "package",
      "recipe.outputs[0]"),
     ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["onnx", "safetensors"]},
