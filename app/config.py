@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     auth_cache_ttl_s: float = Field(5.0, ge=0)
 
     queue_default: str = "cpu"
+    # A sweep's grid may expand to at most this many points (one job each).
+    sweep_max_points: int = Field(64, ge=1)
     worker_concurrency: int = Field(2, ge=1)
     host: str = "127.0.0.1"
     port: int = 8000

@@ -58,6 +58,21 @@ class Dataset(UploadedFile, Base):
     __tablename__ = "datasets"
 
 
+class Sweep(Base):
+    """One recipe over a grid of values: a job per point (jobs.sweep_id), picked among by an objective."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    recipe: Mapped[Any] = mapped_column(JSON)  # as submitted: a recipe object or a preset name
+    grid: Mapped[dict[str, list[Any]]] = mapped_column(JSON)
+    objective: Mapped[Any] = mapped_column(JSON)
+    datasets: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    sweep_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -90,6 +105,7 @@ class Job(Base):
     engine_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id"), nullable=True, index=True)
     artifacts: Mapped[list[Artifact]] = relationship(order_by="Artifact.name", lazy="selectin")
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import models
+from app.recipes import Objective, Runtime
 
 
 class ErrorDetail(BaseModel):
@@ -93,6 +94,8 @@ class ArtifactOut(BaseModel):
     size_bytes: int
     sha256: str
     url: str
+    label: str | None = Field(None, description="guard_failed: written by a job that missed its guard (kept so it "
+                                                "can be inspected; not a result to ship).")
 
 
 class JobOut(BaseModel):
@@ -146,8 +149,99 @@ def job_out(job: models.Job) -> JobOut:
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         metrics=job.metrics, engine_seconds=job.engine_seconds,
         artifacts=[ArtifactOut(name=a.name, format=a.format, size_bytes=a.size_bytes, sha256=a.sha256,
-                               url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
+                               url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+                               label="guard_failed" if job.error_code == "guard_failed" else None)
+                   for a in job.artifacts],
     )
+
+
+class SweepCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(..., max_length=40)
+    recipe: dict[str, Any] | str = Field(..., description="The base recipe: an object or a preset name.")
+    grid: dict[str, list[Any]] = Field(
+        ..., min_length=1, max_length=16,
+        description='Recipe paths to the values tried, e.g. {"steps[0].sparsity": [0.3, 0.5], '
+                    '"steps[1].method": ["static_int8", "dynamic_int8"]}; paths: steps[i], steps[i].field, '
+                    'evaluate(.field), guard(.field), outputs, device. One job per point of the cartesian product.')
+    objective: Objective = Field(..., description='"smallest" (size ratio), "fastest" (speed-up) or weights '
+                                                  '{"size", "speed", "accuracy"}; higher score wins.')
+    datasets: JobDatasets = Field(default_factory=JobDatasets)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ParetoFronts(BaseModel):
+    quality: Literal["accuracy_after", "agreement"] | None = Field(
+        description="The quality axis: accuracy when any job measured it, else agreement with the original.")
+    size: list[str] = Field(description="Job ids on the size_bytes vs quality front, smallest first.")
+    latency: list[str] = Field(description="Job ids on the latency_ms vs quality front, fastest first.")
+
+
+class SweepPoint(BaseModel):
+    index: int
+    values: dict[str, Any]
+    job_id: str
+    status: str
+    error: JobError | None
+    headline: dict[str, Any] | None = Field(description="app.reports.headline of the job's metrics, once measured.")
+    guard: dict[str, Any] | None = Field(description="{passed, checks}; null when the recipe has no guard.")
+    score: float | None
+    qualifies: bool = Field(description="Succeeded, met its guard and has the figures the objective needs.")
+
+
+class SweepPick(BaseModel):
+    point: int
+    job_id: str
+    values: dict[str, Any]
+    score: float
+
+
+class SweepSummary(BaseModel):
+    id: str
+    model_id: str
+    recipe: dict[str, Any] | str
+    grid: dict[str, list[Any]]
+    objective: Any
+    datasets: dict[str, str]
+    metadata: dict[str, Any]
+    created_at: datetime
+    points_total: int
+    counts: dict[str, int] = Field(description="Points by job status.")
+    done: bool = Field(description="Every point's job has finished (succeeded, failed or canceled).")
+
+
+class SweepOut(SweepSummary):
+    points: list[SweepPoint]
+    pick: SweepPick | None = Field(description="The best qualifying point by the objective, over all points, once "
+                                               "the sweep is done.")
+    pick_reason: str | None = Field(description="Why there is no pick (yet).")
+    pareto: ParetoFronts
+
+
+class SweepPage(Page):
+    data: list[SweepSummary]
+
+
+class CompareRow(BaseModel):
+    job_id: str
+    status: str
+    error_code: str | None
+    sweep_id: str | None
+    created_at: datetime
+    recipe: dict[str, Any]
+    outputs: list[str]
+    headline: dict[str, Any]
+    guard: dict[str, Any] | None
+
+
+class Comparison(BaseModel):
+    model_id: str
+    runtime: Runtime | None
+    batch_size: int | None
+    data: list[CompareRow] = Field(description="The model's jobs with a measured report (succeeded or "
+                                               "guard_failed), newest first.")
+    truncated: bool = Field(description="More jobs than `limit` have reports; only the newest are compared.")
+    pareto: ParetoFronts
 
 
 def file_out(row: models.Model | models.Dataset, kind: str) -> FileOut:

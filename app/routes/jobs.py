@@ -53,6 +53,17 @@ def cancel(job_id: str, db: Session = Depends(get_db), principal: Principal = De
     return job_out(jobs.cancel_job(db, principal, job_id))
 
 
+@router.post("/{job_id}/rerun", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422))
+def rerun(job_id: str, response: Response, db: Session = Depends(get_db), principal: Principal = Depends(authenticate),
+          idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
+    """A new job with the same model, datasets and recipe; its metadata has `rerun_of`."""
+    job, created = jobs.rerun_job(db, get_settings(), principal, job_id, idempotency_key)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
 def _event_out(e) -> EventOut:
     return EventOut(id=e.id, type=e.type, message=e.message, data=e.data or {}, created_at=e.created_at)
 

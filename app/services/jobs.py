@@ -19,7 +19,7 @@ from app.errors import APIError, not_found
 from app.lifecycle import add_event
 from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
 from app.recipes import RecipeError, check_against_format, parse_recipe
-from app.schemas import JobCreate
+from app.schemas import JobCreate, JobDatasets
 
 log = logging.getLogger("squeeze.jobs")
 
@@ -45,14 +45,10 @@ def validate_recipe(value: Any, model_format: str | None) -> tuple[dict[str, Any
     return recipe.model_dump(mode="json"), outputs
 
 
-def create_job(db: Session, settings: Settings, principal: Principal, body: JobCreate,
-               idempotency_key: str | None) -> tuple[Job, bool]:
-    """Validates and inserts a queued job, then enqueues it. Returns (job, created)."""
-    request_hash = _request_hash(body)
-    if idempotency_key:
-        existing = _by_idempotency_key(db, principal, idempotency_key)
-        if existing is not None:
-            return _replay(existing, request_hash), False
+def check_job(db: Session, principal: Principal, body: JobCreate
+              ) -> tuple[Model, dict[str, str], dict[str, Any], list[str]]:
+    """Everything a submit checks before inserting (the model, datasets and teachers are the team's; the recipe
+    fits the model's format) -> (model, datasets, recipe, outputs), or the 404/422."""
     model = db.get(Model, body.model_id)
     if model is None or model.team_id != principal.team_id or model.deleted_at is not None:
         raise not_found("model", body.model_id)
@@ -63,9 +59,21 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
             raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
                            {"field": f"datasets.{role}", "id": ident})
     recipe, outputs = validate_recipe(body.recipe, model.format)
+    return model, datasets, recipe, outputs
+
+
+def create_job(db: Session, settings: Settings, principal: Principal, body: JobCreate,
+               idempotency_key: str | None, sweep_id: str | None = None) -> tuple[Job, bool]:
+    """Validates and inserts a queued job, then enqueues it. Returns (job, created)."""
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        existing = _by_idempotency_key(db, principal, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), False
+    model, datasets, recipe, outputs = check_job(db, principal, body)
     job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
               outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=settings.queue_default,
-              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash)
+              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash, sweep_id=sweep_id)
     db.add(job)
     try:
         db.flush()
@@ -146,3 +154,14 @@ def get_artifact(db: Session, principal: Principal, job_id: str, name: str) -> A
     if art is None:
         raise not_found("artifact", name)
     return art
+
+
+def rerun_job(db: Session, settings: Settings, principal: Principal, job_id: str,
+              idempotency_key: str | None) -> tuple[Job, bool]:
+    """A new job with the same model, datasets and recipe, submitted (and routed) like a fresh POST /v1/jobs;
+    its metadata keeps the original's, with `rerun_of` naming it (and without the original's sweep point)."""
+    old = get_job(db, principal, job_id)
+    metadata = {k: v for k, v in (old.job_metadata or {}).items() if k not in ("sweep", "rerun_of")}
+    body = JobCreate(model_id=old.model_id, recipe=old.recipe, datasets=JobDatasets(**(old.datasets or {})),
+                     metadata={**metadata, "rerun_of": old.id})
+    return create_job(db, settings, principal, body, idempotency_key)
