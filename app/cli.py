@@ -60,10 +60,11 @@ def server(host: str = typer.Option(None, help="Default: SQUEEZE_HOST (127.0.0.1
     env = {**os.environ, "SQUEEZE_BOOTSTRAP_ADMIN_KEY": key, "SQUEEZE_DATA_DIR": str(settings.data_dir)}
     procs = [subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", host,
                                "--port", str(port), "--log-level", "warning"], env=env)]
+    queues = ",".join(dict.fromkeys(q for q in (settings.queue_default, settings.queue_gpu) if q))
     for i in range(workers):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads",
-             "-c", str(settings.worker_concurrency), "-Q", f"{settings.queue_default},gpu", "-n", f"worker{i}@%h",
+             "-c", str(settings.worker_concurrency), "-Q", queues, "-n", f"worker{i}@%h",
              "--loglevel", "WARNING"], env=env))
     console.print(f"[bold green]Squeeze[/] on http://{host}:{port}  (data: {settings.data_dir})")
     console.print(f"admin key: [bold]{key}[/]   database: {settings.database_url.split('@')[-1]}")

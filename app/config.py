@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,11 @@ class Settings(BaseSettings):
     auth_cache_ttl_s: float = Field(5.0, ge=0)
 
     queue_default: str = "cpu"
+    # Jobs that train (finetune, distill) or ask for `device: cuda` go to this queue when it is set; GPU hosts run
+    # a worker consuming it. Empty: every job goes to queue_default.
+    queue_gpu: str = ""
+    # The worker's device for training steps: auto = CUDA when torch sees it; cpu = never CUDA.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # A sweep's grid may expand to at most this many points (one job each).
     sweep_max_points: int = Field(64, ge=1)
     worker_concurrency: int = Field(2, ge=1)

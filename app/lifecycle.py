@@ -42,6 +42,7 @@ class Claim:
     model_format: str
     model_sha256: str
     datasets: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> {sha256, format}
+    teachers: dict[str, dict[str, str]] = field(default_factory=dict)  # model id -> {sha256, format}
 
 
 def claim(db: Session, job_id: str, worker: str) -> Claim | None:
@@ -63,11 +64,18 @@ def claim(db: Session, job_id: str, worker: str) -> Claim | None:
     for role, ident in (job.datasets or {}).items():
         ds = db.get(Dataset, ident)
         datasets[role] = {"sha256": ds.sha256, "format": ds.format}
+    teachers = {}  # distillation teachers other than the original, checked to be the team's at submit
+    for step in job.recipe.get("steps", []):
+        ident = step.get("teacher") if step.get("type") == "distill" else None
+        if ident and ident != "original" and ident not in teachers:
+            row = db.get(Model, ident)
+            if row is not None:
+                teachers[ident] = {"sha256": row.sha256, "format": row.format}
     add_event(db, job_id, "started", f"attempt {job.attempts} on {worker}", {"attempt": job.attempts,
                                                                               "worker": worker})
     db.commit()
     return Claim(job_id=job_id, lease=lease, attempt=job.attempts, recipe=job.recipe, outputs=job.outputs,
-                 model_format=model.format, model_sha256=model.sha256, datasets=datasets)
+                 model_format=model.format, model_sha256=model.sha256, datasets=datasets, teachers=teachers)
 
 
 def heartbeat(db: Session, job_id: str, lease: str, *, progress: float | None = None, stage: str | None = None,
@@ -118,7 +126,7 @@ def finish(db: Session, job_id: str, lease: str, outcome: Outcome) -> str | None
         db.rollback()
         log.warning("job %s: lease %s lost before finishing; result dropped", job_id, lease)
         return None
-    if final == "succeeded":
+    if final in ("succeeded", "failed"):  # a failed job may still have results (guard_failed keeps its artifacts)
         for a in outcome.artifacts:
             db.add(Artifact(id=new_id("art"), job_id=job_id, **a))
     message = outcome.error_message if final == "failed" else None

@@ -111,17 +111,60 @@ class ClusterSpec(StepSpec):
     recalibrate_bn: bool = True
 
 
-class FinetuneSpec(StepSpec):
-    """Plain supervised training on the `train` dataset (labels required); keeps pruned weights at zero."""
+class TrainingSpec(StepSpec):
+    """Options every training step has (`finetune`, `distill`). `targets`/`ignore` pick the trained parameters."""
 
-    type: Literal["finetune"] = "finetune"
     dataset: Literal["train", "calibration"] = "train"
     epochs: int = Field(1, ge=1, le=100)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     batch_size: int = Field(64, ge=1, le=65536)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="Learning-rate schedule over the epochs (step: x`gamma` every `step_size` epochs).")
+    step_size: int = Field(1, ge=1, le=100)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int = 0
+    grad_clip: float | None = Field(None, gt=0.0, le=1e6, description="Clip the gradient norm to this.")
+    keep: Literal["best", "last"] = Field(
+        "last", description="Which epoch's weights become the result: best = highest accuracy on the eval dataset.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class FinetuneSpec(TrainingSpec):
+    """Plain supervised training on the `train` dataset (labels required); keeps pruned weights at zero."""
+
+    type: Literal["finetune"] = "finetune"
+
+
+class DistillSpec(TrainingSpec):
+    """Knowledge distillation: the model (student) learns the teacher's softened outputs, mixed with the labels.
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+    (+ feature_weight * MSE of the named intermediate outputs). alpha 1 needs no labels.
+    """
+
+    type: Literal["distill"] = "distill"
+    teacher: str = Field("original", min_length=1, max_length=64,
+                         description="`original` (the model as uploaded) or the id of another model of the team.")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the soft (teacher) loss; 1 = label-free.")
+    hard_labels: bool = Field(False, description="Use the teacher's argmax as the labels (no labels needed).")
+    features: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=64,
+        description="Module names present in both teacher and student whose outputs are matched (MSE), for "
+                    "students that keep the teacher's layout.")
+    feature_weight: float = Field(1.0, ge=0.0, le=1000.0)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_id(cls, v: str) -> str:
+        if v != "original" and not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError("teacher must be 'original' or a model id")
+        return v
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.alpha < 1 and not self.hard_labels
 
 
 QuantMethod = Literal["static_int8", "dynamic_int8", "weight_int8", "weight_int4", "binary"]
@@ -184,14 +227,20 @@ def _step_tag(value: Any) -> str | None:
 Step = Annotated[
     Annotated[PruneSpec, Tag("prune:magnitude")] | Annotated[ChannelPruneSpec, Tag("prune:channel")]
     | Annotated[ClusterSpec, Tag("cluster")] | Annotated[FinetuneSpec, Tag("finetune")]
-    | Annotated[QuantizeSpec, Tag("quantize")],
+    | Annotated[DistillSpec, Tag("distill")] | Annotated[QuantizeSpec, Tag("quantize")],
     Discriminator(_step_tag, custom_error_type="invalid_step",
-                  custom_error_message="unknown step type; expected one of: prune, cluster, finetune, quantize"),
+                  custom_error_message="unknown step type; expected one of: prune, cluster, finetune, distill, "
+                                       "quantize"),
 ]
-STEP_SPECS: tuple[type[StepSpec], ...] = (PruneSpec, ChannelPruneSpec, ClusterSpec, FinetuneSpec, QuantizeSpec)
-STEP_TAGS = {"prune:magnitude", "prune:channel", "cluster", "finetune", "quantize"}
+STEP_SPECS: tuple[type[StepSpec], ...] = (PruneSpec, ChannelPruneSpec, ClusterSpec, FinetuneSpec, DistillSpec,
+                                            QuantizeSpec)
+STEP_TAGS = {"prune:magnitude", "prune:channel", "cluster", "finetune", "distill", "quantize"}
 # Step types that need an eager nn.Module (model package or Hugging Face folder).
-EAGER_ONLY = {ChannelPruneSpec: "channel pruning", FinetuneSpec: "fine-tuning"}
+EAGER_ONLY = {ChannelPruneSpec: "channel pruning"}
+# Steps that train, and the formats that can (a .pt2 trains through its program's module(); ONNX cannot here).
+TRAINABLE = {FinetuneSpec: "fine-tuning", DistillSpec: "distillation"}
+TRAINABLE_FORMATS = ("package", "hf", "pt2")
+TRAINING_STEPS = tuple(TRAINABLE)  # routed to the GPU queue when one is configured
 EAGER_FORMATS = ("package", "hf")
 # Steps after which the input's own architecture no longer fits the weights.
 CHANGES_ARCHITECTURE = (ChannelPruneSpec,)
@@ -209,6 +258,39 @@ class EvaluateSpec(Strict):
     max_samples: int = Field(10_000, ge=1, description="Cap on eval samples used for accuracy/agreement.")
 
 
+class GuardSpec(Strict):
+    """Bounds the result must meet; a job that misses one ends `failed` with `guard_failed`, artifacts kept."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0, description="Accuracy lost, as a fraction "
+                                                                           "(0.01 = one point).")
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="Top-1 agreement with the original.")
+    min_speedup: float | None = Field(None, gt=0.0, le=10_000.0)
+    min_size_ratio: float | None = Field(None, gt=0.0, le=1_000_000.0, description="Original size / result size "
+                                                                                   "(the smallest artifact).")
+    runtime: Runtime | None = Field(None, description="Runtime min_speedup is read on (default: the first timed "
+                                                      "on both original and result).")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Batch min_speedup is read at (default: the "
+                                                                    "largest timed).")
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> "GuardSpec":
+        if all(v is None for v in (self.max_accuracy_drop, self.min_agreement, self.min_speedup,
+                                   self.min_size_ratio)):
+            raise ValueError("a guard needs at least one bound")
+        return self
+
+
+class WeightedObjective(Strict):
+    """Score = size * ln(size ratio) + speed * ln(speed-up) - accuracy * (accuracy drop in points)."""
+
+    size: float = Field(0.0, ge=0.0, le=1000.0)
+    speed: float = Field(0.0, ge=0.0, le=1000.0)
+    accuracy: float = Field(0.0, ge=0.0, le=1000.0)
+
+
+Objective = Literal["smallest", "fastest"] | WeightedObjective
+
+
 class Recipe(Strict):
     version: Literal[1] = 1
     steps: list[Step] = Field(..., min_length=1, max_length=32)
@@ -216,6 +298,10 @@ class Recipe(Strict):
         None, description="Default: the input model's format. `safetensors` writes compact storage (bitmask + "
                           "values for sparse weights, codebook + packed indices for clustered ones) with a manifest.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    guard: GuardSpec | None = None
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where training steps run: auto = CUDA when the worker has it (and its settings allow), "
+                            "cuda = fail at once on a worker without CUDA.")
 
     @field_validator("outputs")
     @classmethod
@@ -253,6 +339,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "storage saving, not a CPU speed-up.",
         "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "weight_int4", "group_size": 128}],
                    "outputs": ["package"]},
+    },
+    "slim-50-distill": {
+        "description": "Remove 50% of channels (model packages, Hugging Face folders), win the accuracy back by "
+                       "distilling from the original for 3 epochs (needs a labelled train dataset), then static "
+                       "int8 as ONNX for ONNX Runtime.",
+        "recipe": {"version": 1, "steps": [
+            {"type": "prune", "method": "channel", "sparsity": 0.5, "importance": "l2", "round_to": 8},
+            {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 1e-3,
+             "temperature": 4, "alpha": 0.7},
+            {"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
+            "evaluate": {"runtimes": ["onnxruntime"]}},
     },
     "palette-16": {
         "description": "Weight sharing: 16 clusters per layer, stored as codebook + 4-bit indices (safetensors).",
@@ -369,6 +466,12 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
                                             f"not {model_format}"}
         for i, step in enumerate(recipe.steps) if type(step) in EAGER_ONLY and model_format not in EAGER_FORMATS
     ]
+    errors += [
+        {"field": f"steps[{i}]", "message": f"{TRAINABLE[type(step)]} needs a model that can train: a model package, "
+                                            f"a Hugging Face folder or a .pt2 (ONNX Runtime cannot train), not "
+                                            f"{model_format}"}
+        for i, step in enumerate(recipe.steps) if type(step) in TRAINABLE and model_format not in TRAINABLE_FORMATS
+    ]
     for fmt in FIXED_ARCHITECTURE_OUTPUTS:
         if reshaped and fmt in outputs:
             errors.append({"field": f"outputs[{outputs.index(fmt)}]",
@@ -395,6 +498,11 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
                                                             f"{sorted({model_format, *outputs})})"}
             for i, rt in enumerate(recipe.evaluate.runtimes) if rt not in possible
         ]
+    guard_runtime = recipe.guard.runtime if recipe.guard else None
+    job_runtimes = {rt for fmt in [model_format, *outputs] for rt in RUNTIMES_BY_FORMAT.get(fmt, ())}
+    if guard_runtime and guard_runtime not in (recipe.evaluate.runtimes or job_runtimes):
+        errors.append({"field": "guard.runtime", "message": f"{guard_runtime} is not timed in this job (runtimes: "
+                                                            f"{sorted(recipe.evaluate.runtimes or job_runtimes)})"})
     if errors:
         raise RecipeError(errors)
     return outputs

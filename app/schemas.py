@@ -109,6 +109,8 @@ class JobOut(BaseModel):
     datasets: dict[str, str]
     metadata: dict[str, Any]
     attempts: int
+    queue: str = Field(description="The queue the job was routed to (training and CUDA jobs to the GPU queue when "
+                                   "one is configured).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -145,7 +147,8 @@ def job_out(job: models.Job) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, progress=round(job.progress, 4), stage=job.stage, model_id=job.model_id,
         recipe=job.recipe, outputs=job.outputs, datasets=job.datasets or {}, metadata=job.job_metadata or {},
-        attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        attempts=job.attempts, queue=job.queue, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         metrics=job.metrics, engine_seconds=job.engine_seconds,
         artifacts=[ArtifactOut(name=a.name, format=a.format, size_bytes=a.size_bytes, sha256=a.sha256,

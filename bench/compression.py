@@ -4,6 +4,7 @@ latencies are not disturbed), one row per (model, recipe) with the measured rati
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,12 +12,16 @@ from tests import modelzoo
 from tests.stack import Stack, make_backend, wait_for
 
 FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
+DISTILL_3 = {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64,
+             "temperature": 4, "alpha": 0.7}
+# Each job's full report.json, committed beside the summary rows.
+REPORTS = Path(__file__).resolve().parent / "results" / "reports"
 # The tiny BERT reaches ~92% on the digits tokens after 20 epochs (41% after the tests' 6).
 BERT_EPOCHS = 20
 EVALUATE = {"batch_sizes": [1, 32], "repeats": 30, "warmup": 5}
 
-# name -> (model, recipe)
-CASES: dict[str, tuple[str, dict]] = {
+# name -> (model, recipe[, dataset role -> uploaded file role, where not the same name])
+CASES: dict[str, tuple] = {
     "mlp_prune50": ("mlp", {"steps": [{"type": "prune", "sparsity": 0.5}], "outputs": ["pt2", "safetensors"]}),
     "cnn_unstructured80_finetune3": ("cnn", {"steps": [{"type": "prune", "sparsity": 0.8}, FINETUNE_3],
                                              "outputs": ["safetensors", "pt2"]}),
@@ -28,6 +33,15 @@ CASES: dict[str, tuple[str, dict]] = {
     "resnet_palette16": ("resnet", {"steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]}),
     "bert_mlp_width50": ("bert", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}],
                                   "outputs": ["hf", "onnx"]}),
+    "resnet_slim50_distill3": ("resnet", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
+                                                     "importance": "l2", "round_to": 8}, DISTILL_3],
+                                          "outputs": ["pt2", "onnx"]}),
+    # The same without labels anywhere in training: the train set is uploaded without them (alpha 1).
+    "resnet_slim50_distill3_label_free": ("resnet", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
+                                                                "importance": "l2", "round_to": 8},
+                                                               {**DISTILL_3, "alpha": 1.0}],
+                                                     "outputs": ["pt2", "onnx"]}, {"train": "train_unlabelled",
+                                                                                   "calibration": "train_unlabelled"}),
     "bert_heads50_mlp50_finetune3": ("bert", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
                                                           "heads": 0.5}, FINETUNE_3], "outputs": ["pt2", "onnx"]}),
 }
@@ -49,6 +63,8 @@ def _models(workdir: Path) -> dict[str, dict[str, Path]]:
     out["resnet"] = {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_BENCH_SOURCE),
                      "train": modelzoo.write_npz(workdir / "resnet-train.npz",
                                                  modelzoo.as_resnet_input(x_train, size), y_train),
+                     "train_unlabelled": modelzoo.write_npz(workdir / "resnet-train-unlabelled.npz",
+                                                            modelzoo.as_resnet_input(x_train, size)),
                      "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test, size),
                                                 y_test)}
     bert = modelzoo.build_tiny_bert(epochs=BERT_EPOCHS)
@@ -103,17 +119,22 @@ def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
                                   params={"name": path.name}, content=path.read_bytes()).json()["id"]
                 for role, path in paths.items()}
         for case in cases or list(CASES):
-            model_name, recipe = CASES[case]
+            model_name, recipe, *roles = CASES[case]
             ids = uploaded[model_name]
+            roles = {"train": "train", "calibration": "train", "eval": "eval", **(roles[0] if roles else {})}
             started = time.monotonic()
-            job = client.post("/v1/jobs", json={"model_id": ids["model"], "datasets": {"train": ids["train"],
-                              "calibration": ids["train"], "eval": ids["eval"]},
-                              "recipe": {**recipe, "evaluate": EVALUATE}}).json()
+            job = client.post("/v1/jobs", json={"model_id": ids["model"],
+                                                "datasets": {role: ids[f] for role, f in roles.items()},
+                                                "recipe": {**recipe, "evaluate": EVALUATE}}).json()
             if "id" not in job:
                 results[case] = {"status": "refused", "error": job}
                 continue
             job = wait_for(client, job["id"], timeout=1800, interval=0.5)
             job["wall_s"] = round(time.monotonic() - started, 1)
+            if any(a["name"] == "report.json" for a in job["artifacts"]):  # kept: tests validate them all
+                REPORTS.mkdir(parents=True, exist_ok=True)
+                report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+                (REPORTS / f"{case}.json").write_text(json.dumps(report, indent=1) + "\n")
             results[case] = _row(job) if job["status"] == "succeeded" else {"status": job["status"],
                                                                              "error": job["error"]}
     finally:

@@ -48,6 +48,11 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                                      lambda r: r.get("safetensors_size_ratio", 0) >= 2.5
                                      and r.get("accuracy_drop", 1) <= 0.01
                                      and "no_speedup" in r.get("flags", [])),
+    "resnet_slim50_distill3": ("accuracy within 0.5 point of the original, >= 2.5x faster at b32",
+                               lambda r: r.get("accuracy_drop", 1) <= 0.005 and r.get("speedup_torch_b32", 0) >= 2.5),
+    "resnet_slim50_distill3_label_free": ("no labels: accuracy within 1 point, >= 2.5x faster at b32",
+                                          lambda r: r.get("accuracy_drop", 1) <= 0.01
+                                          and r.get("speedup_torch_b32", 0) >= 2.5),
     "bert_mlp_width50": ("structural pruning runs end to end, fewer MACs (the hf artifact reloads with "
                          "transformers: tests/test_e2e_compression.py)",
                          lambda r: r.get("status") == "succeeded" and r.get("macs_ratio", 0) > 1),

@@ -154,3 +154,53 @@ def test_transformer_mlp_width_pruned_through_http_loads_with_transformers(stack
     logits = sess.run(None, {sess.get_inputs()[0].name: tokens})[0]
     assert logits.shape == (len(tokens), 10)
     assert abs(float((logits.argmax(1) == y_test).mean()) - m["compressed"]["accuracy"]) <= 1 / len(y_test)
+
+
+def test_distillation_through_http_with_a_teacher_model_and_the_gpu_queue(stack_factory, cnn_files, tmp_path):
+    """PostgreSQL + Redis; a GPU queue configured and consumed by this (CPU) worker, so routing is visible."""
+    stack = stack_factory("postgres", **FAST_REAPER, SQUEEZE_QUEUE_GPU="gpu")
+    stack.start_api()
+    stack.start_worker(concurrency=1, queues="cpu,gpu")
+    client = stack.client(new_team_key(stack.admin, "distill"))
+    student = upload(client, "models", cnn_files["package"])
+    teacher = upload(client, "models", cnn_files["pt2"])  # the same CNN as a .pt2: a teacher in another format
+    x_train, _, _, _ = modelzoo.digits_split()
+    unlabelled = upload(client, "datasets", modelzoo.write_npz(tmp_path / "u.npz", modelzoo.as_images(x_train)))
+    eval_ds = upload(client, "datasets", cnn_files["eval"])
+    datasets = {"train": unlabelled["id"], "eval": eval_ds["id"]}
+    slim = {"type": "prune", "method": "channel", "sparsity": 0.5, "dataset": "train"}
+
+    def submit(steps, **recipe):
+        return client.post("/v1/jobs", json={"model_id": student["id"], "datasets": datasets, "recipe": {
+            "steps": steps, "outputs": ["onnx"], "evaluate": {"repeats": 3}, **recipe}})
+
+    # A teacher id that is not this team's is a 404 naming the field; so is a made-up one.
+    other = stack.client(new_team_key(stack.admin, "other-team"))
+    foreign = upload(other, "models", cnn_files["pt2"])
+    for ident in (foreign["id"], "mdl_doesnotexist"):
+        r = submit([slim, {"type": "distill", "teacher": ident, "alpha": 1.0}])
+        assert r.status_code == 404 and r.json()["error"]["details"]["field"] == "recipe.steps[1].teacher"
+
+    label_free = submit([slim, {"type": "distill", "teacher": teacher["id"], "alpha": 1.0, "epochs": 2,
+                                "lr": 3e-3, "keep": "best"}]).json()
+    assert label_free["queue"] == "gpu"  # training jobs go to the GPU queue when one is configured
+    needs_labels = submit([slim, {"type": "distill", "alpha": 0.5}]).json()
+    on_cuda = submit([{"type": "prune", "sparsity": 0.5}], device="cuda").json()
+    assert on_cuda["queue"] == "gpu"
+    assert submit([{"type": "prune", "sparsity": 0.5}]).json()["queue"] == "cpu"
+
+    job = wait_for(client, label_free["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["compressed"]["accuracy"] > 0.9 and job["metrics"]["ratios"]["macs"] > 3
+    epochs = [e for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "epoch"]
+    assert [e["data"]["epoch"] for e in epochs] == [1, 2]
+    assert all("eval_agreement" in e["data"] and "loss" in e["data"] for e in epochs)
+    report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["steps"][1]["teacher_format"] == "pt2" and report["steps"][1]["label_free"]
+    assert [row["epoch"] for row in report["steps"][1]["epochs"]] == [1, 2]
+
+    failed = wait_for(client, needs_labels["id"], timeout=300)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "bad_dataset"
+    assert "no labels" in failed["error"]["message"]
+    failed = wait_for(client, on_cuda["id"], timeout=300)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "device_unavailable"

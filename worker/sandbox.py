@@ -16,6 +16,7 @@ Exit status: 0 success, 2 a user-side failure (bad_model, bad_dataset, no_effect
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+REPORT_SCHEMA_VERSION = 1
 # Progress fraction at the start of each stage; a stage reports within [start, next start).
 _STAGE_SPAN = {"load": (0.0, 0.05), "evaluate_original": (0.05, 0.25), "steps": (0.25, 0.6),
                "write": (0.6, 0.75), "evaluate_result": (0.75, 0.98), "report": (0.98, 1.0)}
@@ -130,6 +132,7 @@ class Job:
         work.mkdir(exist_ok=True)
         fmt = get_format(in_format)
         ev = recipe.evaluate
+        device = resolve_device(recipe.device, spec.get("device") or "auto")
 
         with self.stage("load", f"loading the {in_format} model"):
             model_path = _inside(self.jobdir, spec["model"]["path"])
@@ -137,6 +140,8 @@ class Job:
             model.extra["outputs"] = list(outputs)  # a quantize step picks eager or graph quantization by them
             datasets = {name: load_dataset(_inside(self.jobdir, rel), name)
                         for name, rel in (spec.get("datasets") or {}).items() if rel}
+            teachers = {ident: (_inside(self.jobdir, t["path"]), t["format"])
+                        for ident, t in (spec.get("teachers") or {}).items()}
 
         with self.stage("evaluate_original", "measuring the original model"):
             specs = fmt.input_specs(model)
@@ -182,9 +187,13 @@ class Job:
         def on_step(report: dict) -> None:
             self.channel.send({"type": "event", "name": "step_done", "data": report})
 
+        def on_event(name: str, data: dict) -> None:
+            self.channel.send({"type": "event", "name": name, "data": data})
+
         with self.stage("steps", "applying the recipe"):
             step_reports = run_steps(model, recipe, datasets=datasets, threads=threads, workdir=work,
-                                     progress=on_progress, on_step_done=on_step)
+                                     progress=on_progress, on_step_done=on_step, on_event=on_event,
+                                     teachers=teachers, device=device)
 
         with self.stage("write", "writing artifacts"):
             artifacts = []
@@ -267,10 +276,25 @@ class Job:
 
         self.channel.progress("report", 0.0, "writing report.json")
         engine_seconds = round(time.perf_counter() - started, 4)
+        from app.reports import check_guard
+
+        # Informational: the supervisor checks the guard again from the metrics and decides the job's status.
+        guard = check_guard(recipe.guard, result_metrics)
+        recipe_json = recipe.model_dump(mode="json")
+        recipe_hash = hashlib.sha256(json.dumps(recipe_json, sort_keys=True).encode()).hexdigest()
+        environment = _environment(threads)
+        # The job object carries what explains a difference between reruns, not only report.json.
+        result_metrics["run"] = {"recipe_hash": recipe_hash, "model_sha256": spec["model"].get("sha256"),
+                                 "device": device, "environment": environment, "timings": self.timings,
+                                 "step_seconds": [r.get("seconds") for r in step_reports]}
         report = {
+            "schema_version": REPORT_SCHEMA_VERSION,
             "job_id": spec.get("job_id"),
-            "model": {"format": in_format, "path": spec["model"]["path"]},
-            "recipe": recipe.model_dump(mode="json"),
+            "device": device,
+            "model": {"format": in_format, "path": spec["model"]["path"], "sha256": spec["model"].get("sha256")},
+            "recipe": recipe_json,
+            "recipe_hash": recipe_hash,
+            "guard": guard,
             "outputs": outputs,
             "metrics": result_metrics,
             "steps": step_reports,
@@ -278,9 +302,19 @@ class Job:
             "timings": self.timings,
             "engine_seconds": engine_seconds,
             "notes": self.notes,
-            "environment": _environment(threads),
+            "environment": environment,
         }
-        (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str), encoding="utf-8")
+        try:
+            from worker.engine.report_plot import render
+
+            png, _ = render(result_metrics, layers, f"{spec.get('job_id') or 'job'}: {in_format} -> "
+                                                    f"{', '.join(outputs)}")
+            (out_dir / "report.png").write_bytes(png)
+            artifacts.append({"name": "report.png", "format": "png", "path": "report.png"})
+        except Exception as exc:  # a picture must never fail a job whose numbers are measured
+            self.notes.append(f"report.png not rendered: {type(exc).__name__}: {exc}")
+        (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str),
+                                             encoding="utf-8")
         artifacts.append({"name": "report.json", "format": "json", "path": "report.json"})
         self.channel.progress("report", 1.0, "done")
         return {"type": "result", "metrics": result_metrics, "artifacts": artifacts, "engine_seconds": engine_seconds}
@@ -332,15 +366,53 @@ class Job:
         return stats, outputs
 
 
-def _environment(threads: int) -> dict[str, Any]:
-    import numpy
-    import onnx
-    import onnxruntime
+def resolve_device(wanted: str, worker_device: str) -> str:
+    """The recipe's `device` against the worker's setting and hardware: "cpu" or "cuda", or
+    EngineError("device_unavailable") at once when CUDA is asked for and this worker cannot give it."""
     import torch
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-            "threads": threads, "torch_threads": torch.get_num_threads()}
+    from worker.engine.errors import EngineError
+
+    has_cuda = worker_device != "cpu" and torch.cuda.is_available()
+    if wanted == "cuda" and not has_cuda:
+        why = "its settings say SQUEEZE_DEVICE=cpu" if worker_device == "cpu" else "torch sees no CUDA device"
+        raise EngineError("device_unavailable", f"the recipe asks for device cuda, but this worker has none ({why}); "
+                                                "use device auto or cpu, or run a worker on a GPU host")
+    if wanted == "cpu" or worker_device == "cpu":
+        return "cpu"
+    return "cuda" if has_cuda else "cpu"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    """What a rerun needs to explain a difference: hardware, threads and the version of every library used."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for dist in ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "safetensors", "torch-pruning", "torchao",
+                 "transformers", "matplotlib"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "gpu": gpu, "threads": threads, "torch_threads": torch.get_num_threads(),
+            "libraries": versions,
+            # kept at the top level for earlier readers of the report
+            "torch": torch.__version__, "onnx": versions["onnx"], "onnxruntime": versions["onnxruntime"],
+            "numpy": versions["numpy"]}
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -26,6 +26,8 @@ from typing import Any
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.lifecycle import Claim, Outcome, heartbeat
+from app.recipes import Recipe
+from app.reports import check_guard, guard_message
 from app.storage import BlobStore, make_store
 from worker import isolation
 
@@ -80,8 +82,15 @@ def stage(claim: Claim, jobdir: Path, store: BlobStore, settings: Settings) -> N
         rel = f"inputs/{role}.{ds['format']}"
         shutil.copyfile(store.path(ds["sha256"]), jobdir / rel)
         datasets[role] = rel
-    spec = {"job_id": claim.job_id, "model": {"path": model_rel, "format": claim.model_format},
-            "recipe": claim.recipe, "outputs": claim.outputs, "datasets": datasets, "threads": settings.threads}
+    teachers = {}
+    for i, (ident, row) in enumerate(sorted(claim.teachers.items())):
+        rel = f"inputs/teacher{i}{MODEL_SUFFIX[row['format']]}"
+        shutil.copyfile(store.path(row["sha256"]), jobdir / rel)
+        teachers[ident] = {"path": rel, "format": row["format"]}
+    spec = {"job_id": claim.job_id, "model": {"path": model_rel, "format": claim.model_format,
+                                              "sha256": claim.model_sha256},
+            "recipe": claim.recipe, "outputs": claim.outputs, "datasets": datasets, "teachers": teachers,
+            "threads": settings.threads, "device": settings.device}
     (jobdir / "job.json").write_text(json.dumps(spec))
 
 
@@ -106,6 +115,13 @@ def collect_artifact(jobdir: Path, entry: Any, store: BlobStore, tmp_dir: Path) 
     sha = digest.hexdigest()
     store.put_file(Path(dst.name), sha)
     return {"name": name, "format": fmt, "size_bytes": size, "sha256": sha}
+
+
+def _guard_verdict(recipe: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    guard = Recipe.model_validate(recipe).guard
+    if guard is None:
+        return None
+    return check_guard(guard, metrics or {})
 
 
 def _kill(proc) -> None:
@@ -211,8 +227,16 @@ def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
             return Outcome("failed", "bad_artifact", f"the sandbox produced an unusable artifact: {exc}")
         metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else None
         seconds = result.get("engine_seconds")
-        return Outcome("succeeded", metrics=metrics, artifacts=artifacts,
-                       engine_seconds=float(seconds) if isinstance(seconds, (int, float)) else None)
+        seconds = float(seconds) if isinstance(seconds, (int, float)) else None
+        # The guard is checked here, on this side of the sandbox, from the measured metrics: the sandbox's own
+        # verdict (in report.json) is not trusted to decide the job's status.
+        verdict = _guard_verdict(claim.recipe, metrics)
+        if verdict is not None:
+            metrics = {**metrics, "guard": verdict}
+            if not verdict["passed"]:
+                return Outcome("failed", "guard_failed", guard_message(verdict), metrics=metrics,
+                               artifacts=artifacts, engine_seconds=seconds)
+        return Outcome("succeeded", metrics=metrics, artifacts=artifacts, engine_seconds=seconds)
     if error is not None and code != 0:
         return Outcome("failed", str(error.get("code") or "engine_error")[:64], str(error.get("message"))[:4000])
     stderr.seek(0, os.SEEK_END)

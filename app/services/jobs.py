@@ -18,10 +18,11 @@ from app.db import new_id, utcnow
 from app.errors import APIError, not_found
 from app.lifecycle import add_event
 from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
-from app.recipes import RecipeError, check_against_format, parse_recipe
+from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe
 from app.schemas import JobCreate, JobDatasets
 
 log = logging.getLogger("squeeze.jobs")
+TRAINING_STEP_TYPES = {spec.model_fields["type"].default for spec in TRAINING_STEPS}
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -45,6 +46,13 @@ def validate_recipe(value: Any, model_format: str | None) -> tuple[dict[str, Any
     return recipe.model_dump(mode="json"), outputs
 
 
+def job_queue(settings: Settings, recipe: dict[str, Any]) -> str:
+    """The GPU queue (when configured) for jobs that train or ask for CUDA; the default queue otherwise."""
+    trains = any(step.get("type") in TRAINING_STEP_TYPES for step in recipe["steps"])
+    wants_gpu = recipe.get("device") == "cuda" or (trains and recipe.get("device") != "cpu")
+    return settings.queue_gpu if settings.queue_gpu and wants_gpu else settings.queue_default
+
+
 def check_job(db: Session, principal: Principal, body: JobCreate
               ) -> tuple[Model, dict[str, str], dict[str, Any], list[str]]:
     """Everything a submit checks before inserting (the model, datasets and teachers are the team's; the recipe
@@ -59,6 +67,19 @@ def check_job(db: Session, principal: Principal, body: JobCreate
             raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
                            {"field": f"datasets.{role}", "id": ident})
     recipe, outputs = validate_recipe(body.recipe, model.format)
+    guard, eval_role = recipe.get("guard") or {}, recipe["evaluate"]["dataset"]
+    if guard.get("max_accuracy_drop") is not None and eval_role not in datasets:
+        raise APIError(422, "invalid_recipe", f"recipe.guard.max_accuracy_drop needs accuracy: give a labelled "
+                                              f"datasets.{eval_role}", {"errors": [{
+                                                  "field": "recipe.guard.max_accuracy_drop",
+                                                  "message": f"needs datasets.{eval_role} (with labels)"}]})
+    for i, step in enumerate(recipe["steps"]):  # a teacher is another model of the same team
+        teacher = step.get("teacher") if step.get("type") == "distill" else None
+        if teacher and teacher != "original":
+            row = db.get(Model, teacher)
+            if row is None or row.team_id != principal.team_id or row.deleted_at is not None:
+                raise APIError(404, "not_found", f"teacher model {teacher!r} (recipe.steps[{i}].teacher) not found",
+                               {"field": f"recipe.steps[{i}].teacher", "id": teacher})
     return model, datasets, recipe, outputs
 
 
@@ -72,7 +93,7 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
             return _replay(existing, request_hash), False
     model, datasets, recipe, outputs = check_job(db, principal, body)
     job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
-              outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=settings.queue_default,
+              outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=job_queue(settings, recipe),
               enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash, sweep_id=sweep_id)
     db.add(job)
     try:

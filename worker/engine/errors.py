@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 # Codes the sandbox reports with exit status 2 (the user's model, data or recipe, not our bug).
-USER_CODES = frozenset({"bad_model", "bad_dataset", "no_effect", "unsupported", "unsupported_pattern", "diverged"})
+USER_CODES = frozenset({"bad_model", "bad_dataset", "no_effect", "unsupported", "unsupported_pattern", "diverged",
+                        "bad_teacher", "device_unavailable"})
 
 
 class EngineError(Exception):

@@ -17,9 +17,12 @@ Progress = Callable[[float, str, str], None]
 
 def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset] | None = None, threads: int = 1,
               workdir: Path = Path("."), progress: Progress | None = None,
-              on_step_done: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+              on_step_done: Callable[[StepReport], None] | None = None,
+              on_event: Callable[[str, dict], None] | None = None,
+              teachers: dict[str, tuple[Path, str]] | None = None, device: str = "cpu") -> list[StepReport]:
     """Apply every step in place; return one report per step (with `index`, `stage` and `seconds` added)."""
     reports: list[StepReport] = []
+    teachers = {"original": (model.path, model.format), **(teachers or {})}  # "original": the file as uploaded
     n = len(recipe.steps)
     for i, spec in enumerate(recipe.steps):
         stage = f"steps[{i}].{spec.type}"
@@ -28,8 +31,13 @@ def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset
             if progress is not None:
                 progress((i + min(max(fraction, 0.0), 1.0)) / n, stage, message)
 
+        def step_event(name: str, data: dict, i: int = i, stage: str = stage) -> None:
+            if on_event is not None:
+                on_event(name, {"step": i, "stage": stage, **data})
+
         step_progress(0.0, f"starting {spec.type}")
-        ctx = StepContext(index=i, datasets=datasets or {}, threads=threads, workdir=workdir, progress=step_progress)
+        ctx = StepContext(index=i, datasets=datasets or {}, threads=threads, workdir=workdir, progress=step_progress,
+                          event=step_event, teachers=teachers, device=device)
         started = time.perf_counter()
         report = pass_for(spec).apply(model, spec, ctx)
         report = {"index": i, "stage": stage, **report, "seconds": round(time.perf_counter() - started, 4)}

@@ -204,14 +204,26 @@ def test_unknown_route_and_bad_json(api):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
-def test_fields_not_supported_yet_are_refused_not_ignored(api):
+def test_fields_not_supported_yet_are_refused_not_ignored(api):  # webhooks: issue 7
     model = upload_model(api, tiny_onnx()).json()
     r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50",
                                    "webhook": {"url": "https://example.com/hook"}})
     assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "webhook"
+
+
+
+@pytest.mark.parametrize("guard, field", [
+    ({}, "recipe.guard"),  # no bound at all
+    ({"min_speedup": 0}, "recipe.guard.min_speedup"),
+    ({"max_accuracy_drop": 1.5}, "recipe.guard.max_accuracy_drop"),
+    ({"min_speedup": 2, "runtime": "torch"}, "recipe.guard.runtime"),  # an ONNX job times onnxruntime only
+    ({"max_accuracy_drop": 0.01}, "recipe.guard.max_accuracy_drop"),  # no eval dataset to measure accuracy on
+])
+def test_guards_that_cannot_be_checked_are_refused(api, guard, field):
+    model = upload_model(api, tiny_onnx()).json()
     r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
-                                                                       "guard": {"max_accuracy_drop": 0.01}}})
-    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "recipe.guard"
+                                                                       "guard": guard}})
+    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == field, r.text
 
 
 def _package_zip() -> bytes:
@@ -237,6 +249,7 @@ def _package_zip() -> bytes:
     ({"steps": [{"type": "cluster", "clusters": 257}]}, "onnx", "recipe.steps[0].clusters"),
     ({"steps": [{"type": "cluster", "clusters": 1}]}, "onnx", "recipe.steps[0].clusters"),
     ({"steps": [{"type": "quantize", "method": "weight_int4"}]}, "onnx", "recipe.steps[0].method"),
+    ({"steps": [{"type": "distill", "teacher": "../etc"}]}, "package", "recipe.steps[0].teacher"),
     ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["package"]}, "package",
      "recipe.outputs[0]"),
     ({"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5}], "outputs": ["onnx", "safetensors"]},

@@ -23,6 +23,11 @@ class StepContext:
     threads: int = 1
     workdir: Path = Path(".")
     progress: Callable[[float, str], None] = lambda fraction, message: None
+    # Named events for the job's event log (e.g. one per training epoch).
+    event: Callable[[str, dict[str, Any]], None] = lambda name, data: None
+    # Distillation teachers: "original" and other model ids -> (file, format), loaded by the pass that needs one.
+    teachers: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    device: str = "cpu"  # where training runs: "cpu" or "cuda" (resolved by the sandbox)
 
 
 class Pass:

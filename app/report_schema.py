@@ -1,0 +1,140 @@
+"""The one schema of report.json, every job's measured report (written by worker/sandbox.py).
+
+Required fields are what a reader may rely on for any job, whatever its steps and formats; step reports differ by
+step type and are checked for their common fields only. `validate_report(data)` raises pydantic's
+ValidationError naming the field that does not fit; `Report.model_json_schema()` is the JSON Schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Ratio = float | None
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Timing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    median: float = Field(..., ge=0)
+    p90: float = Field(..., ge=0)
+
+
+class Side(_Open):
+    """One model (original or result) as measured: on disk, in parameters, in compute, in time, in quality."""
+
+    format: str
+    size_bytes: int = Field(..., ge=0)
+    params: int = Field(..., ge=0)
+    nonzero_params: int = Field(..., ge=0)
+    sparsity: float = Field(..., ge=0, le=1)
+    latency_ms: dict[str, dict[str, Timing]]  # runtime -> batch size -> median/p90
+    accuracy: float | None = Field(..., ge=0, le=1)
+    macs: int | None
+
+
+class Result(Side):
+    agreement: float | None = Field(..., ge=0, le=1)
+    cosine: float | None
+    max_abs_error: float | None
+
+
+class Ratios(_Open):
+    size: Ratio
+    params: Ratio
+    nonzero_params: Ratio
+    latency: dict[str, dict[str, Ratio]]
+    accuracy_drop: float | None
+
+
+class Layer(_Open):
+    name: str
+    shape: list[int]
+    shape_after: list[int] | None
+    sparsity_before: float | None
+    sparsity_after: float | None
+    bits: float | None
+
+
+class GuardCheck(_Open):
+    bound: Literal["max_accuracy_drop", "min_agreement", "min_speedup", "min_size_ratio"]
+    limit: float
+    measured: float | None
+    passed: bool
+    missed_by: float | None
+
+
+class GuardVerdict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    passed: bool
+    checks: list[GuardCheck]
+
+
+class Environment(_Open):
+    python: str
+    platform: str
+    cpu: str
+    cores: int | None
+    gpu: str | None
+    threads: int = Field(..., ge=1)
+    libraries: dict[str, str | None]
+
+
+class Run(_Open):
+    recipe_hash: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    model_sha256: str | None
+    device: Literal["cpu", "cuda"]
+    environment: Environment
+    timings: dict[str, float]
+    step_seconds: list[float | None]
+
+
+class Metrics(_Open):
+    original: Side
+    compressed: Result
+    ratios: Ratios
+    layers: list[Layer]
+    flags: list[Literal["no_size_reduction", "no_speedup"]]
+    run: Run
+
+
+class StepReport(_Open):
+    index: int = Field(..., ge=0)
+    stage: str
+    type: str
+    seconds: float = Field(..., ge=0)
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    path: str
+    sha256: str | None
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1]
+    job_id: str | None
+    device: Literal["cpu", "cuda"]
+    model: ModelRef
+    recipe: dict[str, Any]
+    recipe_hash: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    guard: GuardVerdict | None
+    outputs: list[str] = Field(..., min_length=1)
+    metrics: Metrics
+    steps: list[StepReport] = Field(..., min_length=1)
+    layers: list[Layer]
+    timings: dict[str, float]
+    engine_seconds: float = Field(..., ge=0)
+    notes: list[str]
+    environment: Environment
+
+
+def validate_report(data: dict[str, Any]) -> Report:
+    return Report.model_validate(data)
