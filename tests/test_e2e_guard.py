@@ -45,6 +45,7 @@ def test_a_guard_that_cannot_be_met_fails_the_job_and_keeps_its_artifacts(stack_
     assert checks["min_size_ratio"]["missed_by"] == pytest.approx(1000.0 - size_ratio, abs=1e-4)
     names = {a["name"] for a in failed["artifacts"]}
     assert {"model.pt2", "model.safetensors", "report.json", "report.png"} <= names  # artifacts kept
+    assert {a["label"] for a in failed["artifacts"]} == {"guard_failed"}  # and labelled
     report = client.get(f"/v1/jobs/{failed['id']}/artifacts/report.json").json()
     validate_report(report)
     assert report["guard"] == verdict
@@ -53,3 +54,4 @@ def test_a_guard_that_cannot_be_met_fails_the_job_and_keeps_its_artifacts(stack_
 
     passed = wait_for(client, jobs["meetable"], timeout=300)
     assert passed["status"] == "succeeded" and passed["metrics"]["guard"]["passed"], passed["error"]
+    assert {a["label"] for a in passed["artifacts"]} == {None}

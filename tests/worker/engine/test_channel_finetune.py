@@ -233,7 +233,7 @@ def test_sandbox_channel_then_finetune_writes_smaller_pt2_and_onnx(packages, tmp
     rc, lines, err = run_sandbox(job)
     assert rc == 0, err
     result = final(lines)
-    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.onnx", "report.json"]
+    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.onnx", "report.png", "report.json"]
     m = result["metrics"]
     assert m["original"]["macs"] == 337_536 and m["compressed"]["macs"] == 86_848
     assert m["ratios"]["macs"] >= 3 and m["ratios"]["params"] >= 3

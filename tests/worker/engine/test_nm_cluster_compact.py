@@ -247,7 +247,7 @@ def test_sandbox_safetensors_only(zoo, tmp_path):
     rc, lines, err = run_sandbox(job)
     assert rc == 0, err
     result = final(lines)
-    assert [a["format"] for a in result["artifacts"]] == ["safetensors", "json"]
+    assert [a["format"] for a in result["artifacts"]] == ["safetensors", "png", "json"]
     m = result["metrics"]
     size = (job / "out" / "model.safetensors").stat().st_size
     assert m["compressed"]["format"] == "safetensors" and m["compressed"]["size_bytes"] == size
@@ -266,7 +266,7 @@ def test_sandbox_pt2_and_safetensors(zoo, tmp_path):
     rc, lines, err = run_sandbox(job)
     assert rc == 0, err
     result = final(lines)
-    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.safetensors", "report.json"]
+    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.safetensors", "report.png", "report.json"]
     m = result["metrics"]
     out = job / "out"
     assert m["compressed"]["format"] == "pt2" and m["compressed"]["size_bytes"] == (out / "model.pt2").stat().st_size

@@ -64,7 +64,7 @@ def test_static_int8_cnn_package_to_onnx(tmp_path, cnn_data):
     print(json.dumps({k: m[k] for k in ("ratios", "flags")}, indent=1))
     print(json.dumps(m["original"]["latency_ms"]), json.dumps(m["compressed"]["latency_ms"]))
     print(report["notes"], report["steps"][0]["kept_float"])
-    assert [a["format"] for a in result["artifacts"]] == ["onnx", "json"]
+    assert [a["format"] for a in result["artifacts"]] == ["onnx", "png", "json"]
     proto = onnx.load(str(job / "out" / "model.onnx"))
     int8 = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
     assert int8, "no int8 weights in the ONNX output"

@@ -76,7 +76,7 @@ def test_pt2_global_prune_writes_pt2_and_onnx(zoo, tmp_path, digits):
     rc, lines, err = run_sandbox(job)
     assert rc == 0, err
     result = final(lines)
-    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.onnx", "report.json"]
+    assert [a["name"] for a in result["artifacts"]] == ["model.pt2", "model.onnx", "report.png", "report.json"]
     m = result["metrics"]
     assert m["original"]["sparsity"] == 0.0 and m["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.005)
     assert m["original"]["accuracy"] > 0.9 and m["compressed"]["accuracy"] > 0.9
@@ -121,7 +121,7 @@ def test_package_to_pt2_and_package(zoo, tmp_path, digits):
     rc, lines, err = run_sandbox(job)
     assert rc == 0, err
     result = final(lines)
-    assert [a["format"] for a in result["artifacts"]] == ["pt2", "package", "json"]
+    assert [a["format"] for a in result["artifacts"]] == ["pt2", "package", "png", "json"]
     m = result["metrics"]
     assert m["compressed"]["format"] == "pt2" and m["original"]["format"] == "package"
     assert m["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.005)
