@@ -216,3 +216,19 @@ def test_quantize_must_be_last_and_presets_resolve():
     assert check_against_format(parse_recipe("int8"), "package") == ["onnx"]
     assert check_against_format(parse_recipe("int8-dynamic"), "hf") == ["onnx"]
     assert check_against_format(parse_recipe("int4-weights"), "package") == ["package"]
+
+
+def test_pt2e_handles_a_relu_module_shared_by_two_calls():
+    """The ResNet's blocks call one nn.ReLU twice: without splitting its partition the X86 quantizer raises
+    'Input partition has more than one output node'."""
+    from worker.engine.passes.quantize import pt2e
+
+    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
+    x = torch.rand(4, 1, mz.RESNET_SIZE, mz.RESNET_SIZE)
+    gm = torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    ep, facts = pt2e.quantize(gm, (x[:2],), True, [x.numpy()], calibration="minmax", per_channel=True,
+                              float_modules=["fc"])
+    assert len(facts["int8_weights"]) == 9  # every conv; the head kept float
+    assert "fc.weight" in ep.state_dict and ep.state_dict["fc.weight"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(ep.module()(x), net(x)).min() > 0.99

@@ -103,8 +103,13 @@ class Pt2Format(ModelFormat):
         return [_torch.tensor_ref(n, ep.state_dict[n]) for n in names]
 
     def parameters(self, model: LoadedModel) -> list[tuple[str, torch.Tensor]]:
-        sd = model.handle.state_dict
-        return [(t, sd[t]) for t in self._param_targets(model).values() if t in sd]
+        """Parameters, and the int8 weights of a PT2E-quantized program (stored as buffers or constants)."""
+        ep = model.handle
+        sd = ep.state_dict
+        params = [(t, sd[t]) for t in self._param_targets(model).values() if t in sd]
+        stored = {**{k: v for k, v in sd.items()}, **dict(ep.constants)}
+        return params + [(k, v) for k, v in stored.items()
+                         if isinstance(v, torch.Tensor) and v.dtype == torch.int8 and v.ndim >= 2]
 
     def input_specs(self, model: LoadedModel) -> list[InputSpec]:
         from torch.export.graph_signature import InputKind

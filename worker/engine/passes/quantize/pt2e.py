@@ -49,6 +49,37 @@ def strip_unused(gm: torch.fx.GraphModule) -> list[str]:
     return removed
 
 
+def split_shared_modules(gm: torch.fx.GraphModule) -> int:
+    """Give each call of a shared stateless module (one nn.ReLU used twice, as residual blocks often do) its own
+    source partition. An export without source_fn_stack metadata is partitioned by the innermost module, so both
+    calls land in one partition with two outputs, which the quantizer's pattern matcher refuses."""
+    by_module: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and node.meta.get("source_fn_stack") is None:
+            fqn, cls = list(stack.values())[-1]
+            if _class_of(cls) in _STATELESS:
+                by_module.setdefault(fqn, []).append(node)
+    split = 0
+    for fqn, nodes in by_module.items():
+        if len(nodes) > 1:
+            cls = _class_of(list(nodes[0].meta["nn_module_stack"].values())[-1][1])
+            for node in nodes:
+                node.meta["source_fn_stack"] = [(f"{fqn}__{node.name}", cls)]
+            split += 1
+    return split
+
+
+def _class_of(cls) -> type | None:
+    if isinstance(cls, type):
+        return cls
+    return next((c for c in _STATELESS if isinstance(cls, str) and cls == f"{c.__module__}.{c.__qualname__}"), None)
+
+
+_STATELESS = {torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh, torch.nn.SiLU, torch.nn.GELU, torch.nn.Sigmoid,
+              torch.nn.Hardswish, torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d, torch.nn.Identity}
+
+
 def quantize(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic_batch: bool,
              calibration_arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
              float_modules: list[str]) -> tuple[torch.export.ExportedProgram, dict]:
@@ -59,6 +90,7 @@ def quantize(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic_b
     quantizer = X86InductorQuantizer().set_global(_config(calibration, per_channel))
     for name in float_modules:
         quantizer.set_module_name_qconfig(name, None)
+    split_shared_modules(gm)
     try:
         prepared = prepare_pt2e(gm, quantizer)
         n = calibration_arrays[0].shape[0]
