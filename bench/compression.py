@@ -8,10 +8,12 @@ import json
 import time
 from pathlib import Path
 
+from app.recipes import PRESETS
 from tests import modelzoo
 from tests.stack import Stack, make_backend, wait_for
 
 FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
+INT8 = {"type": "quantize", "method": "static_int8", "dataset": "calibration"}
 DISTILL_3 = {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64,
              "temperature": 4, "alpha": 0.7}
 # Each job's full report.json, committed beside the summary rows.
@@ -42,6 +44,17 @@ CASES: dict[str, tuple] = {
                                                                {**DISTILL_3, "alpha": 1.0}],
                                                      "outputs": ["pt2", "onnx"]}, {"train": "train_unlabelled",
                                                                                    "calibration": "train_unlabelled"}),
+    # Quantization: int8 ONNX timed against the same model's fp32 ONNX export in ONNX Runtime (and eager torch).
+    "cnn_int8_onnx": ("cnn", {"steps": [INT8], "outputs": ["onnx"], "evaluate": {"runtimes": ["onnxruntime", "torch"]}}),
+    "resnet_int8_onnx": ("resnet", {"steps": [INT8], "outputs": ["onnx"],
+                                    "evaluate": {"runtimes": ["onnxruntime", "torch"]}}),
+    "cnn_int8_pt2_compiled": ("cnn", {"steps": [INT8], "outputs": ["pt2"], "evaluate": {"runtimes": ["torch-compile"]}}),
+    "resnet_int8_pt2_compiled": ("resnet", {"steps": [INT8], "outputs": ["pt2"],
+                                            "evaluate": {"runtimes": ["torch-compile"]}}),
+    "bert_int8_dynamic": ("bert", {"steps": [{"type": "quantize", "method": "dynamic_int8"}], "outputs": ["onnx"],
+                                   "evaluate": {"runtimes": ["onnxruntime"]}}),
+    "mlp_binary": ("mlp", {"steps": [{"type": "quantize", "method": "binary"}], "outputs": ["safetensors"]}),
+    "resnet_slim50_distill3_int8": ("resnet", PRESETS["slim-50-distill"]["recipe"]),
     "bert_heads50_mlp50_finetune3": ("bert", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
                                                           "heads": 0.5}, FINETUNE_3], "outputs": ["pt2", "onnx"]}),
 }
@@ -92,6 +105,8 @@ def _row(job: dict) -> dict:
         "safetensors_size_ratio": r.get("safetensors_size"),
         "macs_ratio": r.get("macs"),
         **latency,
+        # An ONNX result against the original in eager PyTorch (the user's starting point), largest batch.
+        **_vs_eager(o, c),
         "accuracy_before": o.get("accuracy"),
         "accuracy_after": c.get("accuracy"),
         "accuracy_drop": r.get("accuracy_drop"),
@@ -99,6 +114,16 @@ def _row(job: dict) -> dict:
         "flags": m.get("flags", []),
         "wall_s": job.get("wall_s"),
     }
+
+
+def _vs_eager(original: dict, compressed: dict) -> dict:
+    eager = (original.get("latency_ms") or {}).get("torch") or {}
+    onnx = (compressed.get("latency_ms") or {}).get("onnxruntime") or {}
+    common = [b for b in eager if b in onnx]
+    if not common:
+        return {}
+    b = max(common, key=int)
+    return {f"speedup_vs_eager_torch_b{b}": round(eager[b]["median"] / onnx[b]["median"], 4)}
 
 
 def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
@@ -125,7 +150,8 @@ def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
             started = time.monotonic()
             job = client.post("/v1/jobs", json={"model_id": ids["model"],
                                                 "datasets": {role: ids[f] for role, f in roles.items()},
-                                                "recipe": {**recipe, "evaluate": EVALUATE}}).json()
+                                                "recipe": {**recipe, "evaluate": {**EVALUATE,
+                                                                                   **recipe.get("evaluate", {})}}}).json()
             if "id" not in job:
                 results[case] = {"status": "refused", "error": job}
                 continue

@@ -53,6 +53,19 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
     "resnet_slim50_distill3_label_free": ("no labels: accuracy within 1 point, >= 2.5x faster at b32",
                                           lambda r: r.get("accuracy_drop", 1) <= 0.01
                                           and r.get("speedup_torch_b32", 0) >= 2.5),
+    "cnn_int8_onnx": ("ONNX int8 >= 3.5x smaller, >= 2.5x faster at b32 than fp32 ONNX in ORT, drop <= 0.5 "
+                      "point, agreement >= 99%", lambda r: _int8_met(r)),
+    "resnet_int8_onnx": ("ONNX int8 >= 3.5x smaller, >= 2.5x faster at b32 than fp32 ONNX in ORT, drop <= 0.5 "
+                         "point, agreement >= 99%", lambda r: _int8_met(r)),
+    "cnn_int8_pt2_compiled": (".pt2 int8 loads and under torch.compile beats fp32 under torch.compile at b32",
+                              lambda r: r.get("status") == "succeeded" and r.get("speedup_torch-compile_b32", 0) > 1),
+    "resnet_int8_pt2_compiled": (".pt2 int8 loads and under torch.compile beats fp32 under torch.compile at b32",
+                                 lambda r: r.get("status") == "succeeded"
+                                 and r.get("speedup_torch-compile_b32", 0) > 1),
+    "bert_int8_dynamic": (">= 3x smaller on disk, agreement >= 98%",
+                          lambda r: r.get("size_ratio", 0) >= 3 and r.get("agreement", 0) >= 0.98),
+    "mlp_binary": (">= 20x smaller on disk (accuracy reported, whatever it is)",
+                   lambda r: max(r.get("size_ratio") or 0, r.get("safetensors_size_ratio") or 0) >= 20),
     "bert_mlp_width50": ("structural pruning runs end to end, fewer MACs (the hf artifact reloads with "
                          "transformers: tests/test_e2e_compression.py)",
                          lambda r: r.get("status") == "succeeded" and r.get("macs_ratio", 0) > 1),
@@ -61,6 +74,11 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
     "resnet_palette16": ("safetensors >= 6x smaller, accuracy drop <= 0.5 point",
                          lambda r: r.get("size_ratio", 0) >= 6 and r.get("accuracy_drop", 1) <= 0.005),
 }
+
+
+def _int8_met(r: dict) -> bool:
+    return (r.get("size_ratio", 0) >= 3.5 and r.get("speedup_onnxruntime_b32", 0) >= 2.5
+            and r.get("accuracy_drop", 1) <= 0.005 and r.get("agreement", 0) >= 0.99)
 
 
 def render(results: dict[str, dict]) -> str:
