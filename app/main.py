@@ -12,7 +12,7 @@ from app.auth import ensure_bootstrap_admin
 from app.config import get_settings
 from app.db import session_scope
 from app.lifecycle import start_reaper
-from app.routes import comparison, datasets, health, jobs, keys, models, recipes, sweeps
+from app.routes import comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps
 
 log = logging.getLogger("squeeze.api")
 
@@ -36,6 +36,6 @@ def create_app() -> FastAPI:
                   description="Self-hosted model compression: upload a model, run a recipe, get a smaller, "
                               "faster model and a measured report.")
     errors.install(app)
-    for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes):
+    for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes, dashboard):
         app.include_router(module.router)
     return app
