@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tomllib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -93,3 +96,59 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
+
+
+class ClientSettings(BaseSettings):
+    """The client side (app/client.py, the `squeeze` commands that talk HTTP): which server, with which key.
+
+    Read here rather than in the client so that settings stay in one module (DESIGN.md §8); none of the server's
+    settings above apply to a client, and a client reads none of them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SQUEEZE_", extra="ignore")
+
+    url: str | None = None
+    api_key: str | None = None
+    config: Path | None = None  # SQUEEZE_CONFIG: the config file, instead of the default location
+    xdg_config_home: Path | None = Field(None, validation_alias="XDG_CONFIG_HOME")
+
+    def config_files(self) -> list[Path]:
+        if self.config is not None:
+            return [self.config.expanduser()]
+        folder = (self.xdg_config_home or Path("~/.config")).expanduser() / "squeeze"
+        return [folder / "config.toml", folder / "config.json"]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    url: str
+    api_key: str | None
+    config_file: Path | None  # the file that was read, if any
+
+
+def client_config(url: str | None = None, api_key: str | None = None) -> ClientConfig:
+    """Explicit arguments win over SQUEEZE_URL / SQUEEZE_API_KEY, which win over the config file (`url`, `api_key`
+    in SQUEEZE_CONFIG, else $XDG_CONFIG_HOME/squeeze/config.toml or config.json, XDG_CONFIG_HOME being ~/.config
+    by default); the URL defaults to the embedded server's."""
+    env = ClientSettings()
+    from_file: dict = {}
+    read: Path | None = None
+    for path in env.config_files():
+        if not path.is_file():
+            if env.config is not None:
+                raise ValueError(f"SQUEEZE_CONFIG names {path}, which is not a file")
+            continue
+        try:
+            from_file = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML/JSON'}: {exc}") from None
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{path}: expected a table with url and api_key")
+        read = path
+        break
+    resolved_url = url or env.url or from_file.get("url") or DEFAULT_SERVER_URL
+    resolved_key = api_key or env.api_key or from_file.get("api_key") or None
+    return ClientConfig(url=str(resolved_url).rstrip("/"), api_key=resolved_key, config_file=read)

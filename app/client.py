@@ -1,0 +1,449 @@
+"""Python client of the Squeeze HTTP API (v1), used by the `squeeze` command and by pipelines.
+
+    from app.client import Client
+
+    with Client() as sq:                       # SQUEEZE_URL / SQUEEZE_API_KEY or ~/.config/squeeze/config.toml
+        model = sq.upload_model("model.pt2")
+        data = sq.upload_dataset("eval.npz")
+        job = sq.create_job(model.id, "prune-50", eval=data.id)
+        job = sq.wait(job.id, timeout=3600, on_progress=lambda j: print(j.stage, j.progress))
+        sq.download_artifacts(job, "out/")
+
+httpx only (no torch): uploads stream from the file, downloads stream to disk, so neither holds a model in memory.
+Every error answer of the server raises a SqueezeError subclass carrying its `code`, `message` and `details`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import httpx
+
+from app.config import client_config
+from app.schemas import (Comparison, EventOut, FileOut, JobOut, JobPage, KeyCreated, KeyOut, ModelPage,
+                         RecipeValidation, SweepOut, SweepPage)
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+CHUNK = 1024 * 1024
+
+
+class SqueezeError(Exception):
+    """An error answer of the server: its HTTP status and the `{"error": {code, message, details}}` it sent."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message, self.details = status, code, message, details or {}
+
+    @property
+    def field_errors(self) -> list[dict[str, str]]:
+        """[{field, message}] of a validation error (422), else []."""
+        return list(self.details.get("errors") or [])
+
+
+class BadRequest(SqueezeError):  # 400
+    pass
+
+
+class Unauthorized(SqueezeError):  # 401, and 403 (an admin-only route with a team key)
+    pass
+
+
+class NotFound(SqueezeError):  # 404: unknown, or another team's
+    pass
+
+
+class Conflict(SqueezeError):  # 409
+    pass
+
+
+class TooLarge(SqueezeError):  # 413
+    pass
+
+
+class Unsupported(SqueezeError):  # 415: an upload the server will not take (pickles, TorchScript)
+    pass
+
+
+class Invalid(SqueezeError):  # 422: a field names what is wrong (details.errors)
+    pass
+
+
+class ServerError(SqueezeError):  # 5xx
+    pass
+
+
+class Unreachable(SqueezeError):
+    """No answer at all: connection refused, DNS, TLS, or a timeout."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(0, "unreachable", f"cannot reach the Squeeze server at {url}: {reason}")
+
+
+class WaitTimeout(TimeoutError):
+    """wait() gave up before the job ended; `job` is the last state seen."""
+
+    def __init__(self, job: JobOut, timeout: float):
+        super().__init__(f"job {job.id} still {job.status} after {timeout:g}s")
+        self.job = job
+
+
+_BY_STATUS: dict[int, type[SqueezeError]] = {400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound,
+                                             409: Conflict, 413: TooLarge, 415: Unsupported, 422: Invalid}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success or response.status_code == 304:
+        return
+    response.read()
+    try:
+        err = response.json()["error"]
+        code, message, details = str(err["code"]), str(err["message"]), err.get("details") or {}
+    except (ValueError, KeyError, TypeError):
+        code, message, details = "http_error", f"HTTP {response.status_code}: {response.text[:500]}", {}
+    status = response.status_code
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else SqueezeError)
+    raise cls(status, code, message, details)
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+class Client:
+    """One Squeeze server and API key. `url`/`api_key` default to SQUEEZE_URL/SQUEEZE_API_KEY, then the config
+    file (see app.config.client_config). `http` injects a ready httpx.Client (tests pass FastAPI's TestClient);
+    its base URL and headers are then used as they are unless url/api_key are given."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
+                 http: httpx.Client | None = None):
+        if http is None:
+            cfg = client_config(url, api_key)
+            self.url, self.api_key = cfg.url, cfg.api_key
+            self._http = httpx.Client(base_url=self.url, timeout=timeout)
+            self._owned = True
+        else:
+            self._http, self._owned = http, False
+            self.url = url or str(http.base_url).rstrip("/")
+            self.api_key = api_key
+        # Sent with each request rather than set on the httpx client, so an injected client is left as it was.
+        self._auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self._owned:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        kwargs["headers"] = {**self._auth, **(kwargs.get("headers") or {})}
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+        _raise_for(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    def _upload(self, kind: str, source: str | os.PathLike | BinaryIO, name: str | None) -> FileOut:
+        """Streams the body from the file (Content-Length when the size is known, else chunked)."""
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            with open(path, "rb") as f:
+                return self._upload(kind, f, name or path.name)
+        headers = {"Content-Type": "application/octet-stream"}
+        try:
+            headers["Content-Length"] = str(os.fstat(source.fileno()).st_size - source.tell())
+        except (AttributeError, OSError, ValueError):
+            pass
+        if name is None and isinstance(getattr(source, "name", None), str):
+            name = Path(source.name).name
+        params = {"name": name} if name else {}
+        return FileOut(**self._json("POST", f"/v1/{kind}", params=params, content=_file_chunks(source),
+                                    headers=headers))
+
+    def _download(self, path: str, dest: str | os.PathLike, default_name: str | None = None) -> Path:
+        """Streams a download into `dest` (a file, or a folder to put `default_name` in), checking the SHA-256 the
+        server sent as ETag; the file appears only once complete."""
+        dest = Path(dest)
+        try:
+            with self._http.stream("GET", path, headers=self._auth) as response:
+                _raise_for(response)
+                if dest.is_dir():
+                    dest = dest / (default_name or _filename(response) or Path(path).name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        for chunk in response.iter_bytes(CHUNK):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    etag = response.headers.get("etag", "").strip('"')
+                    if etag and len(etag) == 64 and etag != digest.hexdigest():
+                        raise SqueezeError(response.status_code, "checksum_mismatch",
+                                           f"{path}: downloaded bytes do not match the server's sha256 {etag}")
+                    os.replace(tmp, dest)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+        return dest
+
+    # -- health and keys --------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")
+
+    def ready(self) -> dict[str, Any]:
+        """{status, checks}; a 503 (database or broker down) is returned, not raised."""
+        try:
+            response = self._http.get("/readyz", headers=self._auth)
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+        if response.status_code not in (200, 503):
+            _raise_for(response)
+        return response.json()
+
+    def create_key(self, team: str, name: str = "default", admin: bool = False) -> KeyCreated:
+        """Admin only; the secret is in the answer's `key`, shown only this once."""
+        return KeyCreated(**self._json("POST", "/v1/keys", json={"team": team, "name": name, "admin": admin}))
+
+    def list_keys(self) -> list[KeyOut]:
+        return [KeyOut(**k) for k in self._json("GET", "/v1/keys")]
+
+    def revoke_key(self, key_id: str) -> None:
+        self._request("DELETE", f"/v1/keys/{key_id}")
+
+    # -- models and datasets ----------------------------------------------------------------------------------------
+
+    def upload_model(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> FileOut:
+        return self._upload("models", source, name)
+
+    def list_models(self, limit: int = 50, after: str | None = None) -> ModelPage:
+        return ModelPage(**self._json("GET", "/v1/models", params=_params(limit=limit, after=after)))
+
+    def get_model(self, model_id: str) -> FileOut:
+        return FileOut(**self._json("GET", f"/v1/models/{model_id}"))
+
+    def delete_model(self, model_id: str) -> None:
+        self._request("DELETE", f"/v1/models/{model_id}")
+
+    def download_model(self, model_id: str, dest: str | os.PathLike) -> Path:
+        return self._download(f"/v1/models/{model_id}/file", dest)
+
+    def upload_dataset(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> FileOut:
+        return self._upload("datasets", source, name)
+
+    def list_datasets(self, limit: int = 50, after: str | None = None) -> ModelPage:
+        return ModelPage(**self._json("GET", "/v1/datasets", params=_params(limit=limit, after=after)))
+
+    def get_dataset(self, dataset_id: str) -> FileOut:
+        return FileOut(**self._json("GET", f"/v1/datasets/{dataset_id}"))
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def download_dataset(self, dataset_id: str, dest: str | os.PathLike) -> Path:
+        return self._download(f"/v1/datasets/{dataset_id}/file", dest)
+
+    # -- jobs -------------------------------------------------------------------------------------------------------
+
+    def create_job(self, model_id: str, recipe: dict[str, Any] | str, *, calibration: str | None = None,
+                   train: str | None = None, eval: str | None = None, metadata: dict[str, Any] | None = None,
+                   idempotency_key: str | None = None) -> JobOut:
+        """`recipe`: a recipe object or a preset name; datasets by id. A replay of `idempotency_key` answers the
+        job it created."""
+        body = {"model_id": model_id, "recipe": recipe, "metadata": metadata or {},
+                "datasets": _params(calibration=calibration, train=train, eval=eval)}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return JobOut(**self._json("POST", "/v1/jobs", json=body, headers=headers))
+
+    def list_jobs(self, status: str | None = None, model_id: str | None = None, limit: int = 50,
+                  after: str | None = None) -> JobPage:
+        params = _params(status=status, model_id=model_id, limit=limit, after=after)
+        return JobPage(**self._json("GET", "/v1/jobs", params=params))
+
+    def iter_jobs(self, status: str | None = None, model_id: str | None = None) -> Iterator[JobOut]:
+        """Every job (newest first), page after page."""
+        after = None
+        while True:
+            page = self.list_jobs(status, model_id, limit=200, after=after)
+            yield from page.data
+            if not page.has_more:
+                return
+            after = page.next
+
+    def get_job(self, job_id: str) -> JobOut:
+        return JobOut(**self._json("GET", f"/v1/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> JobOut:
+        return JobOut(**self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def rerun_job(self, job_id: str, idempotency_key: str | None = None) -> JobOut:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return JobOut(**self._json("POST", f"/v1/jobs/{job_id}/rerun", headers=headers))
+
+    def events(self, job_id: str, after: int = 0) -> list[EventOut]:
+        return [EventOut(**e) for e in self._json("GET", f"/v1/jobs/{job_id}/events", params={"after": after})["data"]]
+
+    def stream_events(self, job_id: str, last_event_id: int | str | None = None,
+                      reconnects: int = 5) -> Iterator[EventOut]:
+        """The job's events as they happen (server-sent events), from after `last_event_id`; ends when the job has
+        ended and every event was sent. A dropped connection resumes from the last event seen."""
+        cursor = int(last_event_id) if last_event_id not in (None, "") else 0
+        failures = 0
+        while True:
+            headers = {**self._auth, "Accept": "text/event-stream", "Last-Event-ID": str(cursor)}
+            try:
+                # No read timeout: the stream is quiet between events of a long step.
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", params={"stream": "true"},
+                                       headers=headers, timeout=httpx.Timeout(self.timeout, read=None)) as response:
+                    _raise_for(response)
+                    for kind, data in _sse(response.iter_lines()):
+                        failures = 0
+                        if kind == "end":
+                            return
+                        event = EventOut(**json.loads(data))
+                        cursor = event.id
+                        yield event
+                return  # the server closed the stream without `end`: it only does so once the job has ended
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+                time.sleep(min(0.5 * 2 ** failures, 5.0))
+
+    def wait(self, job_id: str, timeout: float | None = None, on_progress: Callable[[JobOut], None] | None = None,
+             interval: float = 0.2, max_interval: float = 2.0) -> JobOut:
+        """Polls the job until it ends (succeeded, failed or canceled) and returns it; WaitTimeout past `timeout`
+        seconds. `on_progress(job)` is called on every change of status, stage or progress. The poll interval
+        grows from `interval` to `max_interval` while nothing changes and starts over when something does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple | None = None
+        delay = interval
+        while True:
+            job = self.get_job(job_id)
+            state = (job.status, job.stage, job.progress)
+            if state != seen:
+                seen, delay = state, interval
+                if on_progress is not None:
+                    on_progress(job)
+            else:
+                delay = min(delay * 1.5, max_interval)
+            if job.status in TERMINAL:
+                return job
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(job, timeout)
+                delay = min(delay, left)
+            time.sleep(delay)
+
+    def download_artifact(self, job_id: str, name: str, dest: str | os.PathLike) -> Path:
+        """`dest`: a file path, or a folder to write `name` into."""
+        return self._download(f"/v1/jobs/{job_id}/artifacts/{name}", dest, default_name=name)
+
+    def download_artifacts(self, job: JobOut | str, folder: str | os.PathLike) -> list[Path]:
+        """Every artifact of the job into `folder` (created), under its own name."""
+        job = self.get_job(job) if isinstance(job, str) else job
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [self.download_artifact(job.id, a.name, folder) for a in job.artifacts]
+
+    # -- recipes ----------------------------------------------------------------------------------------------------
+
+    def presets(self) -> list[dict[str, Any]]:
+        """[{name, description, recipe}]"""
+        return self._json("GET", "/v1/recipes/presets")["data"]
+
+    def recipe_schema(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/recipes/schema")
+
+    def validate_recipe(self, recipe: dict[str, Any] | str, model_format: str | None = None) -> RecipeValidation:
+        """Never raises for a bad recipe: `valid` and `errors` [{field, message}] say what the server thinks."""
+        body = {"recipe": recipe, **({"model_format": model_format} if model_format else {})}
+        return RecipeValidation(**self._json("POST", "/v1/recipes/validate", json=body))
+
+    # -- sweeps and comparison --------------------------------------------------------------------------------------
+
+    def create_sweep(self, model_id: str, recipe: dict[str, Any] | str, grid: dict[str, list[Any]],
+                     objective: str | dict[str, float], *, calibration: str | None = None, train: str | None = None,
+                     eval: str | None = None, metadata: dict[str, Any] | None = None,
+                     idempotency_key: str | None = None) -> SweepOut:
+        body = {"model_id": model_id, "recipe": recipe, "grid": grid, "objective": objective,
+                "metadata": metadata or {}, "datasets": _params(calibration=calibration, train=train, eval=eval)}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return SweepOut(**self._json("POST", "/v1/sweeps", json=body, headers=headers))
+
+    def get_sweep(self, sweep_id: str, runtime: str | None = None, batch_size: int | None = None) -> SweepOut:
+        params = _params(runtime=runtime, batch_size=batch_size)
+        return SweepOut(**self._json("GET", f"/v1/sweeps/{sweep_id}", params=params))
+
+    def list_sweeps(self, model_id: str | None = None, limit: int = 50, after: str | None = None) -> SweepPage:
+        return SweepPage(**self._json("GET", "/v1/sweeps", params=_params(model_id=model_id, limit=limit,
+                                                                          after=after)))
+
+    def sweep_pareto_png(self, sweep_id: str, runtime: str | None = None, batch_size: int | None = None) -> bytes:
+        params = _params(runtime=runtime, batch_size=batch_size)
+        return self._request("GET", f"/v1/sweeps/{sweep_id}/pareto.png", params=params).content
+
+    def compare_jobs(self, model_id: str, runtime: str | None = None, batch_size: int | None = None,
+                     limit: int = 500) -> Comparison:
+        params = _params(runtime=runtime, batch_size=batch_size, limit=limit)
+        return Comparison(**self._json("GET", f"/v1/models/{model_id}/jobs/compare", params=params))
+
+    def compare_jobs_png(self, model_id: str, runtime: str | None = None, batch_size: int | None = None) -> bytes:
+        params = _params(runtime=runtime, batch_size=batch_size)
+        return self._request("GET", f"/v1/models/{model_id}/jobs/compare.png", params=params).content
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _filename(response: httpx.Response) -> str | None:
+    disposition = response.headers.get("content-disposition", "")
+    for part in disposition.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == "filename" and value:
+            return Path(value.strip('"')).name or None
+    return None
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of each server-sent event; comments and fields other than event/data are skipped."""
+    kind, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, "\n".join(data)
+            kind, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)
+    if data:
+        yield kind, "\n".join(data)
