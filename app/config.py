@@ -65,6 +65,25 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # Webhooks (DESIGN.md §4). Targets on private, loopback, link-local or otherwise non-public addresses are
+    # refused unless their host, or a network holding their address, is listed here: comma-separated host names
+    # or CIDRs, e.g. "hooks.internal,10.0.0.0/8".
+    webhook_allowlist: str = ""
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    # Attempts per delivery (the first included); a failed attempt waits base * 2**(attempt-1), capped.
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    webhook_retry_base_s: float = Field(10.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    # At most one `progress` delivery per job and target in this interval.
+    webhook_progress_interval_s: float = Field(10.0, ge=0)
+    # How often each API and worker process looks for due deliveries.
+    webhook_poll_interval_s: float = Field(1.0, gt=0)
+    webhook_max_per_team: int = Field(20, ge=1)
+
+    # json: one JSON object per line (time, level, logger, message, request_id, job_id, ...); plain: for a terminal.
+    log_format: Literal["json", "plain"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
         self.data_dir = self.data_dir.expanduser().resolve()
@@ -87,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def webhook_allowed(self) -> list[str]:
+        return [item.strip() for item in self.webhook_allowlist.split(",") if item.strip()]
 
     @property
     def threads(self) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.db import new_id, utcnow
 from app.models import Artifact, Dataset, Job, JobEvent, Model
 
@@ -73,6 +74,7 @@ def claim(db: Session, job_id: str, worker: str) -> Claim | None:
                 teachers[ident] = {"sha256": row.sha256, "format": row.format}
     add_event(db, job_id, "started", f"attempt {job.attempts} on {worker}", {"attempt": job.attempts,
                                                                               "worker": worker})
+    webhooks.enqueue(db, job_id, "started")  # in the same transaction: the delivery survives a restart
     db.commit()
     return Claim(job_id=job_id, lease=lease, attempt=job.attempts, recipe=job.recipe, outputs=job.outputs,
                  model_format=model.format, model_sha256=model.sha256, datasets=datasets, teachers=teachers)
@@ -94,6 +96,8 @@ def heartbeat(db: Session, job_id: str, lease: str, *, progress: float | None = 
     for type_, message, data in events:
         add_event(db, job_id, type_, message, data)
     status = db.scalar(select(Job.status).where(Job.id == job_id))
+    if progress is not None and status == "running":
+        webhooks.enqueue(db, job_id, "progress")
     db.commit()
     return status
 
@@ -131,6 +135,7 @@ def finish(db: Session, job_id: str, lease: str, outcome: Outcome) -> str | None
             db.add(Artifact(id=new_id("art"), job_id=job_id, **a))
     message = outcome.error_message if final == "failed" else None
     add_event(db, job_id, final, message, {"error_code": outcome.error_code} if final == "failed" else {})
+    webhooks.enqueue(db, job_id, "completed")
     db.commit()
     return final
 
@@ -148,12 +153,14 @@ def reap(db: Session, *, heartbeat_timeout_s: float, requeue_after_s: float, max
         if job.status == "canceling":
             if db.execute(base.values(status="canceled", stage="canceled", lease=None, finished_at=now)).rowcount:
                 add_event(db, job.id, "canceled", "canceled (its worker was lost)")
+                webhooks.enqueue(db, job.id, "completed")
                 counts["canceled"] += 1
         elif job.attempts >= max_attempts:
             msg = f"worker lost {job.attempts} times (last: {job.worker}); giving up"
             if db.execute(base.values(status="failed", stage="failed", lease=None, finished_at=now,
                                       error_code="worker_lost", error_message=msg)).rowcount:
                 add_event(db, job.id, "failed", msg, {"error_code": "worker_lost"})
+                webhooks.enqueue(db, job.id, "completed")
                 counts["failed"] += 1
         elif db.execute(base.values(status="queued", stage="requeued", lease=None, enqueued_at=now)).rowcount:
             add_event(db, job.id, "requeued", f"worker {job.worker} stopped heartbeating; requeued",
@@ -180,7 +187,8 @@ def reap(db: Session, *, heartbeat_timeout_s: float, requeue_after_s: float, max
 
 def start_reaper() -> threading.Event:
     """Runs `reap` every few seconds in a daemon thread (API and workers each run one: the UPDATEs are
-    atomic, and a job is requeued even when no worker is alive). Returns the event that stops it."""
+    atomic, and a job is requeued even when no worker is alive), and the webhook sender beside it (its
+    claims are atomic too). Returns the event that stops both."""
     from app import queue
     from app.config import get_settings
     from app.db import session_scope
@@ -199,4 +207,5 @@ def start_reaper() -> threading.Event:
                 log.warning("reaper sweep failed: %s", exc)
 
     threading.Thread(target=loop, name="reaper", daemon=True).start()
+    webhooks.start_sender(stop, settings)
     return stop

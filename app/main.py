@@ -1,4 +1,5 @@
-"""create_app(): routers, error handlers, and the lifespan (bootstrap admin key, reaper thread)."""
+"""create_app(): routers, error handlers, middleware (request ids, HTTP metrics), and the lifespan (bootstrap
+admin key, reaper and webhook sender threads)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from app.auth import ensure_bootstrap_admin
 from app.config import get_settings
 from app.db import session_scope
 from app.lifecycle import start_reaper
-from app.routes import comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps
+from app.logging_setup import RequestContextMiddleware, configure_logging
+from app.metrics import HttpMetricsMiddleware
+from app.routes import comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, webhooks
 
 log = logging.getLogger("squeeze.api")
 
@@ -31,11 +34,13 @@ async def lifespan(app: FastAPI):
 
 
 def create_app() -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     app = FastAPI(title="Squeeze", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted model compression: upload a model, run a recipe, get a smaller, "
                               "faster model and a measured report.")
     errors.install(app)
-    for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes, dashboard):
+    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(RequestContextMiddleware)  # outermost: its request id covers every log line of the request
+    for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes, webhooks, dashboard):
         app.include_router(module.router)
     return app

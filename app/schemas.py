@@ -75,11 +75,26 @@ class JobDatasets(BaseModel):
     eval: str | None = None
 
 
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class JobWebhook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(..., min_length=1, max_length=2000, description="http(s); non-public addresses are refused "
+                                                                     "unless allowlisted by the server.")
+    events: list[WebhookEvent] = Field(["started", "completed"], min_length=1, max_length=3,
+                                       description="completed: any final status (succeeded, failed, canceled).")
+    secret: str | None = Field(None, min_length=16, max_length=100,
+                               description="Signs the deliveries (whsec_<base64> or any string); without it the "
+                                           "team's signing secret (POST /v1/webhooks/signing-secret) does.")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(..., max_length=40)
     recipe: dict[str, Any] | str = Field(..., description="A recipe object or a preset name.")
     datasets: JobDatasets = Field(default_factory=JobDatasets)
+    webhook: JobWebhook | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -96,6 +111,11 @@ class ArtifactOut(BaseModel):
     url: str
     label: str | None = Field(None, description="guard_failed: written by a job that missed its guard (kept so it "
                                                 "can be inspected; not a result to ship).")
+
+
+class JobWebhookOut(BaseModel):
+    url: str
+    events: list[str]
 
 
 class JobOut(BaseModel):
@@ -118,6 +138,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None
     engine_seconds: float | None = Field(None, description="Time the engine spent in the sandbox.")
     artifacts: list[ArtifactOut]
+    webhook: JobWebhookOut | None = Field(None, description="The job's own webhook (its secret is never shown).")
 
 
 class JobPage(Page):
@@ -155,6 +176,7 @@ def job_out(job: models.Job) -> JobOut:
                                url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
                                label="guard_failed" if job.error_code == "guard_failed" else None)
                    for a in job.artifacts],
+        webhook=JobWebhookOut(url=job.webhook["url"], events=job.webhook["events"]) if job.webhook else None,
     )
 
 
@@ -250,3 +272,52 @@ class Comparison(BaseModel):
 def file_out(row: models.Model | models.Dataset, kind: str) -> FileOut:
     return FileOut(id=row.id, name=row.name, format=row.format, sha256=row.sha256, size_bytes=row.size_bytes,
                    details=row.details or {}, created_at=row.created_at, url=f"/v1/{kind}/{row.id}/file")
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(..., min_length=1, max_length=2000)
+    events: list[WebhookEvent] = Field(["started", "completed"], min_length=1, max_length=3)
+    description: str | None = Field(None, max_length=255)
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(..., description="Verifies this webhook's deliveries; shown only in this response.")
+
+
+class WebhookList(BaseModel):
+    data: list[WebhookOut]
+
+
+class SigningSecret(BaseModel):
+    secret: str = Field(..., description="Signs the deliveries of job webhooks submitted without a secret; shown "
+                                         "only in this response (a new one replaces the old at once).")
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    message_id: str = Field(description="The webhook-id header: the same on every attempt of one message.")
+    webhook_id: str | None = Field(description="The team webhook; null for the job's own webhook.")
+    event: str
+    url: str
+    attempt: int
+    status: Literal["pending", "delivered", "failed", "canceled"]
+    status_code: int | None
+    response_excerpt: str | None
+    error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+
+
+class DeliveryList(BaseModel):
+    data: list[DeliveryOut]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from app.config import get_settings
 from app.lifecycle import start_reaper
+from app.logging_setup import configure_logging
 from app.queue import celery_config
 
 celery = Celery("squeeze", include=["worker.tasks"])
@@ -22,6 +23,11 @@ celery.conf.update(
 app = celery  # `celery -A worker.celery_app` finds either name
 
 _reaper_stop = None
+
+
+@setup_logging.connect
+def _logging(**_):  # connected: Celery leaves logging to us (JSON lines with the job id, as the API's)
+    configure_logging()
 
 
 @worker_ready.connect

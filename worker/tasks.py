@@ -6,6 +6,7 @@ import logging
 
 from app import lifecycle
 from app.db import session_scope
+from app.logging_setup import job_id_var
 from app.queue import RUN_JOB_TASK
 from worker import supervisor
 from worker.celery_app import celery
@@ -15,12 +16,24 @@ log = logging.getLogger("squeeze.worker")
 
 @celery.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str | None:
+    token = job_id_var.set(job_id)  # every log line of this job (task, supervisor) carries its id
+    try:
+        return _run(self, job_id)
+    finally:
+        job_id_var.reset(token)
+
+
+def _run(self, job_id: str) -> str | None:
     with session_scope() as db:
         claim = lifecycle.claim(db, job_id, worker=self.request.hostname or "worker")
     if claim is None:  # someone else has it, or it was canceled: a redelivery is a no-op
         return None
+    log.info("job claimed (attempt %d)", claim.attempt, extra={"attempt": claim.attempt})
     outcome = supervisor.run(claim)
     if outcome is None:  # the lease was lost (reaped as dead): another attempt owns the job now
         return None
     with session_scope() as db:
-        return lifecycle.finish(db, job_id, claim.lease, outcome)
+        final = lifecycle.finish(db, job_id, claim.lease, outcome)
+    log.info("job %s", final or "result dropped (lease lost)",
+             extra={"status": final, "error_code": outcome.error_code, "engine_seconds": outcome.engine_seconds})
+    return final

@@ -1,11 +1,12 @@
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, select, text
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
 
 from app import queue
-from app.db import get_engine, get_sessionmaker
-from app.models import JOB_STATUSES, Job
+from app.db import get_engine, get_read_sessionmaker
+from app.metrics import scrape
 
 router = APIRouter(tags=["health"])
 
@@ -32,9 +33,8 @@ async def readyz() -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics() -> str:
-    with get_sessionmaker()() as db:
-        counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-    lines = ["# HELP squeeze_jobs Jobs by status.", "# TYPE squeeze_jobs gauge"]
-    lines += [f'squeeze_jobs{{status="{s}"}} {counts.get(s, 0)}' for s in JOB_STATUSES]
-    return "\n".join(lines) + "\n"
+def metrics() -> Response:
+    """Prometheus text format; what each metric means is in app/metrics.py."""
+    with get_read_sessionmaker()() as db:
+        body = scrape(db)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

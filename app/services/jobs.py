@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from app import queue
+from app import queue, webhooks
 from app.auth import Principal
 from app.config import Settings
 from app.db import new_id, utcnow
@@ -19,7 +19,8 @@ from app.errors import APIError, not_found
 from app.lifecycle import add_event
 from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
 from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe
-from app.schemas import JobCreate, JobDatasets
+from app.schemas import JobCreate, JobDatasets, JobWebhook
+from app.services.webhooks import check_job_webhook
 
 log = logging.getLogger("squeeze.jobs")
 TRAINING_STEP_TYPES = {spec.model_fields["type"].default for spec in TRAINING_STEPS}
@@ -92,9 +93,11 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
         if existing is not None:
             return _replay(existing, request_hash), False
     model, datasets, recipe, outputs = check_job(db, principal, body)
+    webhook = check_job_webhook(db, settings, principal, body.webhook)
     job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
               outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=job_queue(settings, recipe),
-              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash, sweep_id=sweep_id)
+              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash, sweep_id=sweep_id,
+              webhook=webhook)
     db.add(job)
     try:
         db.flush()
@@ -149,13 +152,16 @@ def cancel_job(db: Session, principal: Principal, job_id: str) -> Job:
     """Queued: canceled at once. Running: marked canceling; the supervisor kills the sandbox."""
     job = get_job(db, principal, job_id)
     now = utcnow()
-    done = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
-                      .values(status="canceled", finished_at=now, stage="canceled")).rowcount
+    canceled_now = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                              .values(status="canceled", finished_at=now, stage="canceled")).rowcount
+    done = canceled_now
     if not done:
         done = db.execute(update(Job).where(Job.id == job.id, Job.status == "running")
                           .values(status="canceling")).rowcount
     if done:
         add_event(db, job.id, "cancel_requested", "cancel requested")
+        if canceled_now:  # that is the job's completion (a running job's comes with `finish`)
+            webhooks.enqueue(db, job.id, "completed")
         db.commit()
     db.refresh(job)
     if job.status in TERMINAL_STATUSES and not done and job.status != "canceled":
@@ -184,5 +190,6 @@ def rerun_job(db: Session, settings: Settings, principal: Principal, job_id: str
     old = get_job(db, principal, job_id)
     metadata = {k: v for k, v in (old.job_metadata or {}).items() if k not in ("sweep", "rerun_of")}
     body = JobCreate(model_id=old.model_id, recipe=old.recipe, datasets=JobDatasets(**(old.datasets or {})),
+                     webhook=JobWebhook(**old.webhook) if old.webhook else None,
                      metadata={**metadata, "rerun_of": old.id})
     return create_job(db, settings, principal, body, idempotency_key)

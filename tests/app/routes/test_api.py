@@ -204,13 +204,6 @@ def test_unknown_route_and_bad_json(api):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
-def test_fields_not_supported_yet_are_refused_not_ignored(api):  # webhooks: issue 7
-    model = upload_model(api, tiny_onnx()).json()
-    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50",
-                                   "webhook": {"url": "https://example.com/hook"}})
-    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "webhook"
-
-
 
 @pytest.mark.parametrize("guard, field", [
     ({}, "recipe.guard"),  # no bound at all

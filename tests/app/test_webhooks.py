@@ -1,0 +1,153 @@
+"""Webhook targets (SSRF rules) and the delivery queue on the real database: enqueue with the event, atomic
+claims, retries with backoff, every attempt recorded, progress throttled."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from app import webhooks
+from app.auth import create_key
+from app.config import get_settings
+from app.db import new_id, session_scope, utcnow
+from app.models import Job, Model, WebhookDelivery
+from app.webhooks_verify import verify_webhook
+from tests.webhook_receiver import Receiver
+
+SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9000/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data",
+    "http://[::1]:8080/", "http://[::ffff:127.0.0.1]/", "http://192.168.1.5/", "http://100.64.0.1/",
+    "http://0.0.0.0/", "http://2130706433/", "http://localhost:8000/", "http://api.localhost/",
+])
+def test_non_public_targets_are_refused(url):
+    with pytest.raises(webhooks.UnsafeTarget, match="SQUEEZE_WEBHOOK_ALLOWLIST"):
+        webhooks.check_url(url, [])
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "https://user:pw@example.com/",
+                                 "not a url", "http:///nohost"])
+def test_only_plain_http_urls(url):
+    with pytest.raises(webhooks.UnsafeTarget):
+        webhooks.check_url(url, [])
+
+
+def test_public_targets_and_the_allowlist():
+    webhooks.check_url("https://example.com/hook", [])
+    webhooks.check_url("http://93.184.216.34:8080/hook", [])
+    allow = ["10.0.0.0/8", "hooks.internal", "::1/128"]
+    webhooks.check_url("http://10.200.0.7/hook", allow)
+    webhooks.check_url("http://[::1]/hook", allow)
+    webhooks.check_url("http://HOOKS.internal./x", allow)
+    for url in ("http://192.168.0.1/", "http://127.0.0.1/", "http://localhost/"):
+        with pytest.raises(webhooks.UnsafeTarget):
+            webhooks.check_url(url, allow)
+
+
+def test_send_time_check_resolves_names():
+    with pytest.raises(webhooks.UnsafeTarget, match="not a public address"):
+        webhooks.resolve_target("http://127.0.0.1:1/", [])
+    assert webhooks.resolve_target("http://127.0.0.1:1/", ["127.0.0.1"]) == "127.0.0.1"
+    assert webhooks.resolve_target("http://localhost:1/", ["localhost"]) in ("127.0.0.1", "::1")
+
+
+def test_backoff_doubles_and_is_capped():
+    s = get_settings().model_copy(update={"webhook_retry_base_s": 10, "webhook_retry_max_s": 60})
+    assert 10 <= webhooks.backoff_s(1, s) <= 11 and 20 <= webhooks.backoff_s(2, s) <= 22
+    assert 60 <= webhooks.backoff_s(10, s) <= 66
+
+
+def _job(db, url: str, events=("started", "progress", "completed")) -> str:
+    key, _ = create_key(db, "hooks-" + new_id("t")[-6:], "k")
+    model = Model(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
+    db.add(model)
+    db.flush()
+    job = Job(id=new_id("job"), team_id=key.team_id, model_id=model.id, recipe={"steps": []}, outputs=["onnx"],
+              queue="cpu", enqueued_at=utcnow(), webhook={"url": url, "events": list(events), "secret": SECRET})
+    db.add(job)
+    db.commit()
+    return job.id
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+def test_retries_until_delivered_every_attempt_recorded(configured, receiver):
+    settings = get_settings().model_copy(update={"webhook_allowlist": "127.0.0.1", "webhook_retry_base_s": 0.05,
+                                                 "webhook_max_attempts": 5})
+    receiver.statuses["/flaky"] = [500, 500, 200]
+    with session_scope() as db:
+        job_id = _job(db, receiver.url + "/flaky")
+        assert webhooks.enqueue(db, job_id, "started", settings) == 1
+        db.commit()
+    with session_scope() as db:  # one claim per attempt: a second sender finds nothing due
+        claimed = webhooks.claim_due(db, "sender-a", settings)
+        assert claimed is not None and claimed.attempt == 1
+        assert webhooks.claim_due(db, "sender-b", settings) is None
+    with session_scope() as db:
+        webhooks.record(db, claimed, "sender-a", webhooks.post(claimed, settings), settings)
+    import time
+
+    deadline = time.monotonic() + 10
+    while len(receiver.at("/flaky")) < 3 and time.monotonic() < deadline:
+        webhooks.deliver_one("sender-b", settings) or time.sleep(0.02)
+    got = receiver.at("/flaky")
+    assert len(got) == 3
+    assert len({r.headers["webhook-id"] for r in got}) == 1 and len({r.body for r in got}) == 1
+    for r in got:
+        verify_webhook(SECRET, r.headers, r.body)
+    with session_scope() as db:
+        rows = list(db.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                               .order_by(WebhookDelivery.attempt)))
+    assert [(d.attempt, d.status, d.status_code) for d in rows] == [(1, "failed", 500), (2, "failed", 500),
+                                                                    (3, "delivered", 200)]
+    assert rows[0].response_excerpt == "answer 1: 500" and rows[2].delivered_at is not None
+    assert not webhooks.deliver_one("sender-b", settings)
+
+
+def test_gives_up_after_max_attempts_and_refused_targets_are_not_retried(configured, receiver):
+    settings = get_settings().model_copy(update={"webhook_allowlist": "127.0.0.1", "webhook_retry_base_s": 0.01,
+                                                 "webhook_max_attempts": 2})
+    receiver.statuses["/down"] = [503]
+    with session_scope() as db:
+        down = _job(db, receiver.url + "/down", ["completed"])
+        refused = _job(db, "http://10.9.9.9/hook", ["completed"])  # allowed at submit by an older allowlist
+        assert webhooks.enqueue(db, down, "completed", settings) == 1
+        assert webhooks.enqueue(db, down, "started", settings) == 0  # not a chosen event
+        webhooks.enqueue(db, refused, "completed", settings)
+        db.commit()
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with session_scope() as db:
+            if not db.scalar(select(WebhookDelivery.id).where(WebhookDelivery.status == "pending")):
+                break
+        webhooks.deliver_one("s", settings) or time.sleep(0.02)
+    with session_scope() as db:
+        rows = {j: [(d.attempt, d.status, d.status_code, d.error) for d in db.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.job_id == j).order_by(WebhookDelivery.attempt))]
+            for j in (down, refused)}
+    assert [r[:3] for r in rows[down]] == [(1, "failed", 503), (2, "failed", 503)]
+    assert "gave up after 2 attempts" in rows[down][1][3]
+    assert len(rows[refused]) == 1 and rows[refused][0][1] == "failed" and "refused" in rows[refused][0][3]
+
+
+def test_progress_is_throttled_per_job(configured):
+    settings = get_settings().model_copy(update={"webhook_progress_interval_s": 60})
+    with session_scope() as db:
+        job_id = _job(db, "https://hooks.example.invalid/hook")
+        assert webhooks.enqueue(db, job_id, "progress", settings) == 1
+        db.commit()
+        assert webhooks.enqueue(db, job_id, "progress", settings) == 0
+        assert webhooks.enqueue(db, job_id, "completed", settings) == 1
+        db.commit()
+        unthrottled = settings.model_copy(update={"webhook_progress_interval_s": 0})
+        assert webhooks.enqueue(db, job_id, "progress", unthrottled) == 1
+        db.commit()
