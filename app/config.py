@@ -25,6 +25,16 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     blob_url: str = ""
+    # s3://bucket/prefix: blobs in an S3-compatible bucket (no shared disk between the API and workers).
+    s3_endpoint_url: str | None = None  # e.g. http://minio:9000; empty: AWS
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None  # empty: boto3's own chain (instance role, ~/.aws)
+    s3_secret_access_key: str | None = None
+    # Downloads answer 307 to a presigned URL instead of streaming through the API (clients must reach the bucket).
+    s3_presigned_downloads: bool = False
+    s3_presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Multipart part size: memory per transfer stays near parts in flight x this (S3 needs >= 5 MiB parts).
+    s3_multipart_chunk_bytes: int = Field(8 * MiB, ge=5 * MiB)
     bootstrap_admin_key: str | None = None
     bootstrap_admin_team: str = "admin"
 

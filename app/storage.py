@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from app.config import Settings, get_settings
@@ -17,16 +20,29 @@ CHUNK = 1024 * 1024
 class BlobStore(Protocol):
     """Where models, datasets and artifacts live, addressed by their SHA-256.
 
-    Implementations guarantee: `put_file` is atomic (a reader never sees a partial blob) and
-    idempotent (the same content twice is one blob); `path`/`open` of an unknown digest raise
-    FileNotFoundError.
+    Implementations guarantee: `put_file` is atomic (a reader never sees a partial blob),
+    idempotent (the same content twice is one blob) and consumes `src`; `size`, `open`,
+    `read_range` and `fetch` of an unknown digest raise FileNotFoundError; `fetch` writes the blob
+    to a local path with no shared disk assumed (the worker's way in). `local_path` is the file
+    itself where the store has one (None otherwise), `presigned_url` a URL a client may download
+    from directly (None when the store does not hand those out).
     """
 
     def put_file(self, src: Path, sha256: str) -> None: ...
     def exists(self, sha256: str) -> bool: ...
-    def path(self, sha256: str) -> Path: ...
+    def size(self, sha256: str) -> int: ...
     def open(self, sha256: str) -> BinaryIO: ...
+    def read_range(self, sha256: str, start: int, end: int) -> Iterator[bytes]: ...
+    def fetch(self, sha256: str, dest: Path) -> None: ...
+    def local_path(self, sha256: str) -> Path | None: ...
+    def presigned_url(self, sha256: str, filename: str) -> str | None: ...
     def delete(self, sha256: str) -> None: ...
+
+
+def _check_digest(sha256: str) -> str:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise FileNotFoundError(sha256)
+    return sha256
 
 
 class LocalStore:
@@ -37,9 +53,7 @@ class LocalStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise FileNotFoundError(sha256)
-        return self.root / sha256[:2] / sha256
+        return self.root / _check_digest(sha256)[:2] / sha256
 
     def put_file(self, src: Path, sha256: str) -> None:
         dest = self._path(sha256)
@@ -77,6 +91,30 @@ class LocalStore:
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path(sha256), "rb")
 
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def read_range(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes start..end inclusive, in chunks."""
+        with self.open(sha256) as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+
+    def fetch(self, sha256: str, dest: Path) -> None:
+        shutil.copyfile(self.path(sha256), dest)
+
+    def local_path(self, sha256: str) -> Path | None:
+        return self.path(sha256)
+
+    def presigned_url(self, sha256: str, filename: str) -> str | None:
+        return None
+
     def delete(self, sha256: str) -> None:
         try:
             self._path(sha256).unlink(missing_ok=True)
@@ -84,9 +122,170 @@ class LocalStore:
             pass
 
 
+class S3Store:
+    """Blobs as objects in an S3-compatible bucket: `prefix/ab/abcdef...` by digest.
+
+    Uploads go through boto3's managed transfer (multipart past one part, a bounded number of
+    parts in flight, so memory stays near `max_concurrency x chunk` whatever the file size); S3
+    makes an object visible only once complete, which gives the atomicity the protocol asks for.
+    """
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "", *, chunk_bytes: int = 8 * 1024 * 1024,
+                 max_concurrency: int = 4, presigned_downloads: bool = False, presign_ttl_s: int = 3600):
+        from boto3.s3.transfer import TransferConfig
+
+        self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+        self.presigned_downloads, self.presign_ttl_s = presigned_downloads, presign_ttl_s
+        self.transfer = TransferConfig(multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes,
+                                       max_concurrency=max_concurrency, io_chunksize=256 * 1024)
+
+    def key(self, sha256: str) -> str:
+        rel = f"{_check_digest(sha256)[:2]}/{sha256}"
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def _head(self, sha256: str) -> dict:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(sha256) from None
+            raise
+
+    def ensure_bucket(self) -> None:
+        """Creates the bucket when it is missing (run by `squeeze migrate`)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put_file(self, src: Path, sha256: str) -> None:
+        try:
+            if not self.exists(sha256):
+                if (self.client, self.bucket) not in _buckets_ready:  # a fresh MinIO has no bucket yet
+                    self.ensure_bucket()
+                    _buckets_ready.add((self.client, self.bucket))
+                self.client.upload_file(str(src), self.bucket, self.key(sha256), Config=self.transfer)
+        finally:
+            Path(src).unlink(missing_ok=True)
+
+    def exists(self, sha256: str) -> bool:
+        try:
+            self._head(sha256)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def size(self, sha256: str) -> int:
+        return int(self._head(sha256)["ContentLength"])
+
+    def _get(self, sha256: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(sha256), **kwargs)["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(sha256) from None
+            raise
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self._get(sha256)
+
+    def read_range(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes start..end inclusive, streamed from one ranged GET."""
+        body = self._get(sha256, Range=f"bytes={start}-{end}")
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def fetch(self, sha256: str, dest: Path) -> None:
+        """Downloads to a temp name beside `dest`, checks the digest, then renames: a partial or corrupt
+        download never sits at `dest`."""
+        from botocore.exceptions import ClientError
+
+        dest = Path(dest)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fetch-")
+        os.close(fd)
+        try:
+            try:
+                self.client.download_file(self.bucket, self.key(sha256), tmp, Config=self.transfer)
+            except ClientError as exc:
+                if self._missing(exc):
+                    raise FileNotFoundError(sha256) from None
+                raise
+            digest = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise OSError(f"blob {sha256} from the bucket has digest {digest.hexdigest()}")
+            os.replace(tmp, dest)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def local_path(self, sha256: str) -> Path | None:
+        return None
+
+    def presigned_url(self, sha256: str, filename: str) -> str | None:
+        if not self.presigned_downloads:
+            return None
+        self._head(sha256)  # a missing blob is a 404 here, not a dead link for the client
+        safe = "".join(c for c in filename if c.isalnum() or c in "._-") or "download"
+        return self.client.generate_presigned_url(
+            "get_object", ExpiresIn=self.presign_ttl_s,
+            Params={"Bucket": self.bucket, "Key": self.key(sha256),
+                    "ResponseContentDisposition": f'attachment; filename="{safe}"'})
+
+    def delete(self, sha256: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+        except FileNotFoundError:
+            pass
+
+
+_clients: dict[tuple, Any] = {}
+_buckets_ready: set[tuple[Any, str]] = set()
+_clients_lock = threading.Lock()
+
+
+def _s3_client(settings: Settings) -> Any:
+    """One client per process and configuration: creating one costs tens of ms, and clients are thread-safe."""
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id, settings.s3_secret_access_key)
+    with _clients_lock:  # boto3 sessions are not thread-safe
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            _clients[key] = boto3.session.Session().client(
+                "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
+                aws_access_key_id=settings.s3_access_key_id or None,
+                aws_secret_access_key=settings.s3_secret_access_key or None,
+                config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"},
+                              max_pool_connections=32))
+        return _clients[key]
+
+
 def make_store(settings: Settings | None = None) -> BlobStore:
     settings = settings or get_settings()
     url = urlparse(settings.blob_url)
     if url.scheme == "file":
         return LocalStore(Path(url.path))
-    raise ValueError(f"unsupported SQUEEZE_BLOB_URL scheme {url.scheme!r} (supported: file://)")
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise ValueError("SQUEEZE_BLOB_URL s3://bucket/prefix needs a bucket")
+        return S3Store(_s3_client(settings), url.netloc, url.path, chunk_bytes=settings.s3_multipart_chunk_bytes,
+                       presigned_downloads=settings.s3_presigned_downloads,
+                       presign_ttl_s=settings.s3_presign_ttl_s)
+    raise ValueError(f"unsupported SQUEEZE_BLOB_URL scheme {url.scheme!r} (supported: file://, s3://)")

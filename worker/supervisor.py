@@ -71,21 +71,22 @@ def _limits(settings: Settings) -> isolation.SandboxLimits:
 
 
 def stage(claim: Claim, jobdir: Path, store: BlobStore, settings: Settings) -> None:
+    """Pulls the inputs from the blob store into the job directory (no disk shared with the API assumed)."""
     if jobdir.exists():
         shutil.rmtree(jobdir)
     (jobdir / "inputs").mkdir(parents=True)
     (jobdir / "out").mkdir()
     model_rel = f"inputs/model{MODEL_SUFFIX[claim.model_format]}"
-    shutil.copyfile(store.path(claim.model_sha256), jobdir / model_rel)
+    store.fetch(claim.model_sha256, jobdir / model_rel)
     datasets = {}
     for role, ds in claim.datasets.items():
         rel = f"inputs/{role}.{ds['format']}"
-        shutil.copyfile(store.path(ds["sha256"]), jobdir / rel)
+        store.fetch(ds["sha256"], jobdir / rel)
         datasets[role] = rel
     teachers = {}
     for i, (ident, row) in enumerate(sorted(claim.teachers.items())):
         rel = f"inputs/teacher{i}{MODEL_SUFFIX[row['format']]}"
-        shutil.copyfile(store.path(row["sha256"]), jobdir / rel)
+        store.fetch(row["sha256"], jobdir / rel)
         teachers[ident] = {"path": rel, "format": row["format"]}
     spec = {"job_id": claim.job_id, "model": {"path": model_rel, "format": claim.model_format,
                                               "sha256": claim.model_sha256},

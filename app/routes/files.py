@@ -2,27 +2,76 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate
 from app.config import get_settings
 from app.db import get_db, get_read_db
+from app.errors import APIError
 from app.models import Dataset, Model
 from app.schemas import FileOut, ModelPage, error_responses, file_out
 from app.services import files
-from app.storage import make_store
+from app.storage import BlobStore, make_store
 from app.uploads import receive
 
 
-def download_response(request: Request, path, sha256: str, filename: str) -> Response:
-    """Serves a blob with its SHA-256 as ETag; Range requests are handled by FileResponse."""
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """One `bytes=a-b` range -> (start, end) inclusive; None: serve it all (no header, or several ranges,
+    which a server may ignore); "unsatisfiable": a 416."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    try:
+        if not first:  # the last N bytes
+            n = int(last)
+            if n <= 0:
+                return "unsatisfiable"
+            return max(0, size - n), size - 1
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0 or start >= size or end < start:
+        return "unsatisfiable"
+    return start, end
+
+
+def download_response(request: Request, store: BlobStore, sha256: str, filename: str) -> Response:
+    """Serves a blob with its SHA-256 as ETag, honouring If-None-Match and one Range: from the file itself
+    when the store has one, else streamed from the store, or a 307 to a presigned URL when the store hands
+    those out."""
     etag = f'"{sha256}"'
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, filename=filename, media_type="application/octet-stream",
-                        headers={"ETag": etag, "Accept-Ranges": "bytes"})
+    try:
+        local = store.local_path(sha256)
+        if local is not None:
+            return FileResponse(local, filename=filename, media_type="application/octet-stream",
+                                headers={"ETag": etag, "Accept-Ranges": "bytes"})
+        url = store.presigned_url(sha256, filename)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"ETag": etag})
+        size = store.size(sha256)
+    except FileNotFoundError:
+        raise APIError(404, "blob_missing", "the stored file is missing") from None
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Disposition": f"attachment; filename*=utf-8''{quote(filename)}"}
+    if_range = request.headers.get("if-range")
+    wanted = _byte_range(request.headers.get("range"), size) if if_range in (None, etag) else None
+    if wanted == "unsatisfiable":
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    if wanted is None:
+        start, end, status = 0, size - 1, 200
+    else:
+        (start, end), status = wanted, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    body = store.read_range(sha256, start, end) if size else iter(())
+    return StreamingResponse(body, status_code=status, media_type="application/octet-stream", headers=headers)
 
 
 def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
@@ -60,6 +109,6 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
     def download(ident: str, request: Request, db: Session = Depends(get_read_db),
                  principal: Principal = Depends(authenticate)) -> Response:
         row = files.get_owned(db, principal, row_type, ident)
-        return download_response(request, files.blob_path(make_store(), row.sha256), row.sha256, row.name)
+        return download_response(request, make_store(), row.sha256, row.name)
 
     return router

@@ -15,7 +15,7 @@ from app.db import get_db, get_read_db, get_read_sessionmaker
 from app.models import TERMINAL_STATUSES, Job
 from app.routes.files import download_response
 from app.schemas import EventList, EventOut, JobCreate, JobOut, JobPage, error_responses, job_out
-from app.services import files, jobs
+from app.services import jobs
 from app.storage import make_store
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceling", "canceled"]
@@ -114,4 +114,4 @@ def _events_since(principal: Principal, job_id: str, cursor: int):
 def artifact(job_id: str, name: str, request: Request, db: Session = Depends(get_read_db),
              principal: Principal = Depends(authenticate)) -> Response:
     art = jobs.get_artifact(db, principal, job_id, name)
-    return download_response(request, files.blob_path(make_store(), art.sha256), art.sha256, art.name)
+    return download_response(request, make_store(), art.sha256, art.name)

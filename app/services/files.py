@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -91,9 +89,3 @@ def delete_owned(db: Session, store: BlobStore, principal: Principal, row_type: 
     if not shared and not needed:
         store.delete(row.sha256)
 
-
-def blob_path(store: BlobStore, sha256: str) -> Path:
-    try:
-        return store.path(sha256)
-    except FileNotFoundError:
-        raise APIError(404, "blob_missing", "the stored file is missing") from None
