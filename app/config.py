@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     bootstrap_admin_team: str = "admin"
 
     max_upload_bytes: int = Field(4 * GiB, gt=0)
+    # Every other request body (JSON): bigger is a 413 before the body is read (app/security.py).
+    max_body_bytes: int = Field(1 * MiB, gt=0)
+    # Browser origins allowed to call the API cross-origin, comma-separated; empty (the default): CORS stays off.
+    cors_origins: str = ""
     # Zip uploads: refuse archives that would inflate past this (zip bombs) or hold too many entries.
     max_unpacked_bytes: int = Field(16 * GiB, gt=0)
     max_zip_entries: int = Field(10_000, gt=0)
@@ -120,6 +124,10 @@ class Settings(BaseSettings):
     @property
     def webhook_allowed(self) -> list[str]:
         return [item.strip() for item in self.webhook_allowlist.split(",") if item.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [item.strip() for item in self.cors_origins.split(",") if item.strip()]
 
     @property
     def threads(self) -> int:

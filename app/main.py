@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors
+from app import errors, security
 from app.auth import ensure_bootstrap_admin
 from app.config import get_settings
 from app.db import session_scope
@@ -39,6 +39,7 @@ def create_app() -> FastAPI:
                   description="Self-hosted model compression: upload a model, run a recipe, get a smaller, "
                               "faster model and a measured report.")
     errors.install(app)
+    security.install(app)  # headers, body caps, CORS: inside the metrics and request-id layers
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # outermost: its request id covers every log line of the request
     for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes, webhooks, dashboard):
