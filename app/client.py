@@ -27,6 +27,7 @@ from typing import IO, Any, BinaryIO
 import httpx
 
 from app.config import client_config
+from app.webhooks_verify import WebhookVerificationError, verify_webhook  # noqa: F401  (re-exported for receivers)
 from app.schemas import (Comparison, EventOut, FileOut, JobOut, JobPage, KeyCreated, KeyOut, ModelPage,
                          RecipeValidation, SweepOut, SweepPage)
 
