@@ -42,54 +42,73 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+WORKERS = ("worker-gpu", "worker-cpu")
+CORE = ("postgres", "redis", "minio", "migrate", "api", *WORKERS)
+
+
 def test_compose_services(compose):
     services = compose["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= services.keys()
+    assert set(CORE) | {"flower"} == services.keys()
     assert services["postgres"]["image"].startswith("postgres:15")
     assert services["redis"]["image"].startswith("redis:7")
+    assert services["minio"]["image"].startswith("minio/minio:")
     assert services["flower"]["profiles"] == ["monitoring"]
-    for name in ("postgres", "redis", "migrate", "api", "worker"):
+    for name in CORE:
         assert "profiles" not in services[name], f"{name} must start by default"
+    assert services["api"]["deploy"]["replicas"] == 2
 
 
 def test_compose_start_order(compose):
     services = compose["services"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[name]["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
 def test_compose_healthchecks(compose):
     services = compose["services"]
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "ping" in services["redis"]["healthcheck"]["test"]
+    assert "ready" in services["minio"]["healthcheck"]["test"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    for name in WORKERS:
+        assert "inspect ping" in " ".join(services[name]["healthcheck"]["test"])
 
 
 def test_compose_environment(compose):
     services = compose["services"]
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", *WORKERS):
         env = services[name]["environment"]
         assert env["SQUEEZE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["SQUEEZE_BROKER_URL"] == "redis://redis:6379/0"
-        assert env["SQUEEZE_BLOB_URL"] == "file:///data/blobs"
+        assert env["SQUEEZE_BLOB_URL"].startswith("s3://")
+        assert env["SQUEEZE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["SQUEEZE_QUEUE_GPU"] == "gpu"
         assert env["SQUEEZE_BOOTSTRAP_ADMIN_KEY"].startswith("${SQUEEZE_BOOTSTRAP_ADMIN_KEY:?")
-    # API and worker share the data volume that holds the blobs.
-    assert "squeeze-data:/data" in services["api"]["volumes"]
-    assert "squeeze-data:/data" in services["worker"]["volumes"]
-    assert services["api"]["ports"] == ["8000:8000"]
+    # Blobs are in the bucket: no volume is shared between the API and the workers.
+    assert "volumes" not in services["api"]
+    for name in WORKERS:
+        assert all(":" not in v for v in services[name]["volumes"]), "a worker's scratch volume must be its own"
+    assert services["api"]["ports"] == ["8000-8001:8000"]
 
 
-def test_compose_worker(compose):
-    worker = compose["services"]["worker"]
-    assert worker["build"]["target"] == "worker"
+def test_compose_workers(compose):
+    services = compose["services"]
     assert compose["services"]["api"]["build"]["target"] == "api"
-    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    for name, queue in (("worker-gpu", "gpu"), ("worker-cpu", "cpu")):
+        worker = services[name]
+        assert worker["build"]["target"] == "worker"
+        assert f"-Q {queue} " in " ".join(worker["command"])
+        assert "SYS_ADMIN" in worker["cap_add"]
+        assert "privileged" not in worker
+    (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
-    assert "SYS_ADMIN" in worker["cap_add"]
-    assert "privileged" not in worker
+    assert "deploy" not in services["worker-cpu"]
 
 
 def _stages(text: str) -> dict[str, str]:
