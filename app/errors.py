@@ -37,6 +37,19 @@ def _location(loc: tuple[Any, ...]) -> str:
     return out or ".".join(str(p) for p in loc)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route on this path: Starlette's own 405 names only the first route's (one path served
+    by two routes, e.g. GET and POST /v1/webhooks, advertised half of its methods; found by schemathesis)."""
+    from fastapi.routing import iter_route_contexts
+    from starlette.routing import compile_path
+
+    matches = [(route.path.count("{"), route.methods) for route in iter_route_contexts(request.app.routes)
+               if route.path and route.methods and compile_path(route.path)[0].match(request.url.path)]
+    # The most specific templates name the resource: /v1/webhooks/signing-secret, not /v1/webhooks/{webhook_id}.
+    fewest = min((params for params, _ in matches), default=0)
+    return ", ".join(sorted({m for params, methods in matches if params == fewest for m in methods}))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -49,12 +62,20 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", msg, {"errors": errors}), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 400: "bad_request"}
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8): the same answer as malformed JSON.
+            return JSONResponse(error_body("invalid_request", "body: not valid JSON",
+                                           {"errors": [{"field": "body", "message": "not valid JSON"}]}),
+                                status_code=422)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
         return JSONResponse(
             error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(DBAPIError)

@@ -30,7 +30,7 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     team: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     name: str = Field("default", min_length=1, max_length=100)
-    admin: bool = False
+    admin: bool = Field(False, strict=True)  # JSON true/false only: 0 or "no" is a 422, not a silent user key
 
 
 class KeyOut(BaseModel):
