@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import compression, service
+from bench import compression, scale, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -26,6 +26,7 @@ SUITES = {
         "job_overhead_postgres_redis": service.bench_job_overhead(work, "postgres"),
     },
     "compression": lambda work: compression.bench_compression(work),
+    "scale": lambda work: scale.bench_scale(work),
 }
 
 
@@ -41,6 +42,9 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                     lambda r: r["median_mib_per_s"] >= 300 and r["max_rss_growth_mib"] <= 64),
     "submit_to_running": ("p50_ms <= 100 on Redis", lambda r: r["p50_ms"] <= 100),
     "get_job": ("req_per_s >= 500", lambda r: r["req_per_s"] >= 500),
+    "fleet_3_workers_30_jobs": ("every job succeeds, every worker runs some (no shared disk: blobs in S3)",
+                                lambda r: r["succeeded"] == r["jobs"] and len(r["per_worker"]) == r["workers"]
+                                and min(r["per_worker"].values()) > 0),
     "resnet_slim50_finetune3": ("macs_ratio >= 3.5, speed-up >= 2.5x at b32, accuracy drop <= 1 point",
                                 lambda r: r.get("macs_ratio", 0) >= 3.5 and r.get("speedup_torch_b32", 0) >= 2.5
                                 and r.get("accuracy_drop", 1) <= 0.01),

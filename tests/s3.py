@@ -19,9 +19,6 @@ import pytest
 
 from tests.stack import free_port
 
-pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install '.[test]')")
-
-
 @dataclass
 class S3Server:
     endpoint: str
@@ -74,6 +71,7 @@ def start_s3_server(log: Path) -> S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One S3-compatible server for the session; each test takes its own bucket (`s3_server.new_bucket()`)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install '.[test]')")
     server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
     yield server
     server.stop()

@@ -131,14 +131,16 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"API did not start; see {self.log_dir / 'api.log'}")
 
-    def start_worker(self, concurrency: int = 2, queues: str = "cpu") -> subprocess.Popen:
+    def start_worker(self, concurrency: int = 2, queues: str = "cpu",
+                     env_overrides: dict[str, str] | None = None) -> subprocess.Popen:
+        """A Celery worker named `w<n>-<hex>@host`; `env_overrides` (e.g. its own SQUEEZE_DATA_DIR) apply to it only."""
         n = len(self.workers)
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c",
              str(concurrency), "-Q", queues, "-n", f"w{n}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO",
              "--without-gossip", "--without-mingle"],
-            env=self.env, cwd=ROOT, stdout=self._log(f"worker{n}"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env={**self.env, **(env_overrides or {})}, cwd=ROOT, stdout=self._log(f"worker{n}"),
+            stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(proc)
         return proc
 
