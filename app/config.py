@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # A sweep's grid may expand to at most this many points (one job each).
     sweep_max_points: int = Field(64, ge=1)
     worker_concurrency: int = Field(2, ge=1)
+    # At most this many running jobs per team (0: no limit); a worker that claims past it puts the job back on its
+    # queue for team_defer_s and takes the next message.
+    team_max_running: int = Field(0, ge=0)
+    team_defer_s: float = Field(2.0, gt=0)
     host: str = "127.0.0.1"
     port: int = 8000
 

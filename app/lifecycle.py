@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app import webhooks
 from app.db import new_id, utcnow
-from app.models import Artifact, Dataset, Job, JobEvent, Model
+from app.models import Artifact, Dataset, Job, JobEvent, Model, Team
 
 log = logging.getLogger("squeeze.lifecycle")
 ACTIVE = ("running", "canceling")
@@ -46,18 +46,50 @@ class Claim:
     teachers: dict[str, dict[str, str]] = field(default_factory=dict)  # model id -> {sha256, format}
 
 
-def claim(db: Session, job_id: str, worker: str) -> Claim | None:
-    """Atomically takes a queued job; None when it is not queued (a duplicate delivery, a cancel)."""
+class TeamBusy(Exception):
+    """The job's team already runs `team_limit` jobs: the job stays queued and its message should come back
+    later (to `queue`); its `enqueued_at` is bumped, so the reaper re-sends it only if that message is lost."""
+
+    def __init__(self, job_id: str, queue: str):
+        super().__init__(f"{job_id}: the team is at its running-jobs limit")
+        self.queue = queue
+
+
+TEAM_WAIT_STAGE = "waiting: the team is at its running-jobs limit"
+
+
+def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim | None:
+    """Atomically takes a queued job; None when it is not queued (a duplicate delivery, a cancel).
+    With `team_limit` > 0, raises TeamBusy instead of taking it while the team has that many jobs running."""
     lease = secrets.token_hex(8)
     now = utcnow()
+    conditions = [Job.id == job_id, Job.status == "queued"]
+    if team_limit:
+        team_id = db.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == "queued"))
+        if team_id is None:
+            db.rollback()
+            return None
+        # PostgreSQL: a team's claims take turns on its row, so the count below (a fresh snapshot per statement)
+        # sees every claim committed before; SQLite runs the one UPDATE under its write lock anyway.
+        db.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+        other = aliased(Job)  # not correlated with the row being updated
+        running = (select(func.count()).select_from(other)
+                   .where(other.team_id == team_id, other.status.in_(ACTIVE)).scalar_subquery())
+        conditions.append(running < team_limit)
     taken = db.execute(
-        update(Job).where(Job.id == job_id, Job.status == "queued")
+        update(Job).where(*conditions)
         .values(status="running", lease=lease, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
                 started_at=now, stage="starting", progress=0.0, error_code=None, error_message=None)
     ).rowcount
     if not taken:
-        db.rollback()
-        return None
+        queue = db.scalar(select(Job.queue).where(Job.id == job_id, Job.status == "queued")) if team_limit else None
+        if queue is None:
+            db.rollback()
+            return None
+        db.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                   .values(enqueued_at=now, stage=TEAM_WAIT_STAGE))
+        db.commit()
+        raise TeamBusy(job_id, queue)
     job = db.get(Job, job_id)
     db.refresh(job)
     model = db.get(Model, job.model_id)

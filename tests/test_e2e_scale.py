@@ -75,3 +75,30 @@ def test_thirty_jobs_spread_over_three_workers(services, s3_server, tmp_path):  
     assert sum(result["per_worker"].values()) == 30
     print(f"\nfleet: {result['jobs_per_minute']} jobs/min over {result['elapsed_s']} s, spread {result['spread']}")
 
+
+def test_team_running_limit_defers_without_blocking_other_teams(services, stack_factory, tmp_path):
+    x_train, _, x_test, y_test = modelzoo.digits_split()
+    pt2 = modelzoo.export_pt2(modelzoo.train_mlp(), x_test, tmp_path / "mlp.pt2")
+    eval_npz = modelzoo.write_npz(tmp_path / "eval.npz", x_test, y_test)
+    stack = stack_factory("postgres", SQUEEZE_TEAM_MAX_RUNNING="1", SQUEEZE_TEAM_DEFER_S="0.5",
+                          SQUEEZE_SANDBOX_THREADS="1")
+    stack.start_api()
+    stack.start_worker(concurrency=3)
+    submitted = {}
+    for team, count in (("alpha", 3), ("beta", 1)):
+        client = stack.client(new_team_key(stack.admin, team))
+        model = client.post("/v1/models", params={"name": "mlp.pt2"}, content=pt2.read_bytes()).json()
+        ds = client.post("/v1/datasets", params={"name": "eval.npz"}, content=eval_npz.read_bytes()).json()
+        for _ in range(count):
+            r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": SMALL_JOB,
+                                              "datasets": {"eval": ds["id"]}})
+            assert r.status_code == 202, r.text
+            submitted.setdefault(team, []).append((client, r.json()["id"]))
+    done = {team: [wait_for(client, job_id, timeout=240) for client, job_id in jobs]
+            for team, jobs in submitted.items()}
+    for team, jobs in done.items():
+        assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), (team, stack.log_dir)
+    runs = sorted((j["started_at"], j["finished_at"]) for j in done["alpha"])
+    assert all(runs[i][1] <= runs[i + 1][0] for i in range(len(runs) - 1)), runs  # one alpha job at a time
+    # beta was not held behind alpha's queue: it started before alpha's last job did
+    assert done["beta"][0]["started_at"] < runs[-1][0]

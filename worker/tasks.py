@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from app import lifecycle
+from app.config import get_settings
 from app.db import session_scope
 from app.logging_setup import job_id_var
 from app.queue import RUN_JOB_TASK
@@ -24,8 +25,15 @@ def run_job(self, job_id: str) -> str | None:
 
 
 def _run(self, job_id: str) -> str | None:
-    with session_scope() as db:
-        claim = lifecycle.claim(db, job_id, worker=self.request.hostname or "worker")
+    settings = get_settings()
+    try:
+        with session_scope() as db:
+            claim = lifecycle.claim(db, job_id, worker=self.request.hostname or "worker",
+                                    team_limit=settings.team_max_running)
+    except lifecycle.TeamBusy as busy:  # still queued: back on its queue, and this worker takes the next message
+        self.apply_async(args=[job_id], queue=busy.queue, countdown=settings.team_defer_s)
+        log.info("team at its running-jobs limit; deferred %.1f s", settings.team_defer_s)
+        return None
     if claim is None:  # someone else has it, or it was canceled: a redelivery is a no-op
         return None
     log.info("job claimed (attempt %d)", claim.attempt, extra={"attempt": claim.attempt})
