@@ -61,8 +61,12 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
                 headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
@@ -71,6 +75,16 @@ class SecurityMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        try:
+            await self._call(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette answers an unhandled error outside every middleware (its ServerErrorMiddleware): answer the
+            # 500 here so that it carries the headers too; the error still goes up to be logged.
+            if not started:
+                await _error(send_with_headers, 500, "internal", "internal server error")
+            raise
+
+    async def _call(self, scope, receive, send_with_headers):
         if self._is_streaming(scope):
             await self.app(scope, receive, send_with_headers)
             return
@@ -81,7 +95,7 @@ class SecurityMiddleware:
             await _too_large(send_with_headers, limit)
             return
 
-        received, overflow, started = 0, False, False
+        received, overflow, replied = 0, False, False
 
         async def limited_receive():
             nonlocal received, overflow
@@ -94,27 +108,30 @@ class SecurityMiddleware:
             return message
 
         async def guarded_send(message):
-            nonlocal started
+            nonlocal replied
             if overflow:  # whatever the app made of the cut-off body, the answer is the 413 below
                 return
-            started = started or message["type"] == "http.response.start"
+            replied = replied or message["type"] == "http.response.start"
             await send_with_headers(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             pass
-        if overflow and not started:
+        if overflow and not replied:
             await _too_large(send_with_headers, limit)
 
 
-async def _too_large(send, limit: int) -> None:
-    body = json.dumps(error_body("too_large", f"request body exceeds the limit of {limit} bytes",
-                                 {"limit_bytes": limit})).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _error(send, status: int, code: str, message: str, details: dict | None = None) -> None:
+    body = json.dumps(error_body(code, message, details)).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _too_large(send, limit: int) -> None:
+    await _error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes", {"limit_bytes": limit})
 
 
 def install(app: FastAPI) -> None:

@@ -133,3 +133,23 @@ def test_no_secret_in_logs_or_error_messages(api, caplog, capsys):
     for text in (logged, out, err):
         assert key not in text and key[8:] not in text
         assert hook_secret not in text
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
+def test_an_unhandled_error_is_a_plain_500_with_the_headers(configured, caplog):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app()
+
+    def boom() -> None:
+        raise RuntimeError("secret internals sqz_do_not_show")
+
+    app.add_api_route("/v1/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/boom")
+    assert r.status_code == 500 and r.json() == {"error": {"code": "internal", "message": "internal server error",
+                                                           "details": {}}}
+    _secure(r)
+    assert "unhandled error" in caplog.text  # still logged, with its traceback, for the operator
