@@ -346,8 +346,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "int8 as ONNX for ONNX Runtime.",
         "recipe": {"version": 1, "steps": [
             {"type": "prune", "method": "channel", "sparsity": 0.5, "importance": "l2", "round_to": 8},
-            {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 1e-3,
-             "temperature": 4, "alpha": 0.7},
+            {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 3e-3,
+             "schedule": "cosine", "temperature": 4, "alpha": 0.7},
             {"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
             "evaluate": {"runtimes": ["onnxruntime"]}},
     },

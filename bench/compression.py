@@ -14,8 +14,10 @@ from tests.stack import Stack, make_backend, wait_for
 
 FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
 INT8 = {"type": "quantize", "method": "static_int8", "dataset": "calibration"}
-DISTILL_3 = {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64,
-             "temperature": 4, "alpha": 0.7}
+# lr 3e-3 with a cosine schedule: measured on this ResNet, 99.17% (labels) / 98.89% (label-free) after 3 epochs
+# against 98.61% / 98.33% at a constant 1e-3.
+DISTILL_3 = {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 3e-3,
+             "schedule": "cosine", "batch_size": 64, "temperature": 4, "alpha": 0.7}
 # Each job's full report.json, committed beside the summary rows.
 REPORTS = Path(__file__).resolve().parent / "results" / "reports"
 # A small BERT (173k parameters; the tests' is 26k): 72% on the digits tokens after 12 epochs at lr 1e-3 (measured).
