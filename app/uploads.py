@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import APIError
@@ -125,10 +126,13 @@ async def receive(request: Request, tmp_dir: Path, limit: int) -> Received:
                 "on_header_value": on_header_value, "on_header_end": on_header_end,
                 "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
             })
-            async for chunk in request.stream():
-                parser.write(chunk)
-                await sink.flush()
-            parser.finalize()
+            try:
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                    await sink.flush()
+                parser.finalize()
+            except ParseError as exc:  # a malformed part header was a 500 (found by schemathesis)
+                raise APIError(400, "bad_request", f"malformed multipart body: {exc}") from None
             if not state["found"]:
                 raise APIError(400, "bad_request", "multipart body has no field named 'file'")
         else:

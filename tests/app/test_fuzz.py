@@ -119,3 +119,14 @@ def test_key_admin_flag_must_be_a_boolean(api):
         r = api.post("/v1/keys", json={"team": "t", "admin": value})
         assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "admin", value
     assert api.post("/v1/keys", json={"team": "t", "admin": False}).json()["admin"] is False
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
+def test_a_malformed_multipart_upload_is_a_400(api):
+    boundary = "9cc651cd2c8d168349f50fede4c361ac"
+    for path in ("/v1/models", "/v1/datasets"):
+        r = api.post(path, content=f"--{boundary}\r\nFalse--{boundary}--\r\n".encode(),
+                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+        assert "multipart" in r.json()["error"]["message"]
+    assert api.get("/v1/models").json()["data"] == []
