@@ -288,8 +288,8 @@ def test_wrong_content_types(api):
     body = json.dumps({"model_id": model["id"], "recipe": "prune-50"}).encode()
     for ctype in ["text/plain", "application/x-www-form-urlencoded", "application/xml", "image/png"]:
         r = api.post("/v1/jobs", content=body, headers={"Content-Type": ctype})
-        assert r.status_code in (415, 422) and r.json()["error"]["code"] in ("invalid_request", "unsupported_media_type"), \
-            (ctype, r.status_code, r.text)
+        code = r.json()["error"]["code"]
+        assert r.status_code in (415, 422) and code in ("invalid_request", "unsupported_media_type"), (ctype, r.text)
     r = api.post("/v1/jobs", files={"file": ("x.json", body, "application/json")})
     assert r.status_code == 422, r.text
     # a multipart upload without a boundary, or without its `file` field
@@ -377,7 +377,8 @@ def test_recipe_bounds_at_and_past_every_limit(api):
                 failures.append((where, field, value, "in bounds but refused", r.json().get("errors")))
         else:
             r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": recipe})
-            fields = [e["field"] for e in r.json()["error"]["details"].get("errors", [])] if r.status_code == 422 else []
+            errors = r.json()["error"]["details"].get("errors", []) if r.status_code == 422 else []
+            fields = [e["field"] for e in errors]
             if r.status_code != 422 or path not in fields:
                 failures.append((where, field, value, r.status_code, fields or r.text[:200]))
     assert not failures, "\n".join(map(repr, failures))
