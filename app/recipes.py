@@ -6,6 +6,7 @@ evaluate. Adding a technique means one spec here and one registered pass in work
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
@@ -46,6 +47,11 @@ class StepSpec(Strict):
         None, description="Only parameters whose name matches one of these patterns (default: all eligible)."
     )
     ignore: list[str] = Field(default_factory=list, description="Parameters whose name matches are left alone.")
+
+    def selects(self, name: str) -> bool:
+        """Whether `name` matches a target (every name when targets is None) and no ignore pattern."""
+        return (self.targets is None or any(fnmatchcase(name, p) for p in self.targets)) \
+            and not any(fnmatchcase(name, p) for p in self.ignore)
 
 
 class PruneSpec(StepSpec):

@@ -17,19 +17,22 @@ def render(metrics: dict[str, Any], layers: list[dict[str, Any]], title: str) ->
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    from app.reports import headline
+
     original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
+    head = headline(metrics)  # the runtime/batch and smallest artifact the headline figures use
     quality_key = "accuracy" if original.get("accuracy") is not None and compressed.get("accuracy") is not None \
         else "agreement"
     quality = {"original": original.get("accuracy") if quality_key == "accuracy" else 1.0,
                "result": compressed.get(quality_key)}
-    runtime, batch, latency = _common_latency(original, compressed)
-    sizes = [s for s in (compressed.get("size_bytes"), compressed.get("safetensors_size_bytes")) if s]
+    runtime, batch = head["runtime"], head["batch_size"]
+    original_latency = (original.get("latency_ms") or {}).get(runtime, {}).get(str(batch), {}).get("median") \
+        if runtime else None
     points = {
-        # the result's smallest artifact, as the size ratio counts it (the compact safetensors, when written)
         "size": {"original": (original.get("size_bytes"), quality["original"]),
-                 "result": (min(sizes) if sizes else None, quality["result"])},
-        "latency": {"original": (latency.get("original"), quality["original"]),
-                    "result": (latency.get("result"), quality["result"])},
+                 "result": (head["size_bytes"], quality["result"])},
+        "latency": {"original": (original_latency, quality["original"]),
+                    "result": (head["latency_ms"], quality["result"])},
         "layers": [(layer["name"], layer.get("sparsity_after"), layer.get("bits")) for layer in layers],
     }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1, 1, 2]})
@@ -66,17 +69,6 @@ def render(metrics: dict[str, Any], layers: list[dict[str, Any]], title: str) ->
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue(), points
-
-
-def _common_latency(original: dict, compressed: dict) -> tuple[str | None, str | None, dict[str, float]]:
-    """The first runtime timed for both, at its largest batch: (runtime, batch, {original, result} medians)."""
-    for rt, by_batch in (original.get("latency_ms") or {}).items():
-        other = (compressed.get("latency_ms") or {}).get(rt) or {}
-        common = [b for b in by_batch if b in other]
-        if common:
-            b = max(common, key=int)
-            return rt, b, {"original": by_batch[b]["median"], "result": other[b]["median"]}
-    return None, None, {}
 
 
 def _short(name: str, limit: int = 28) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -35,11 +34,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], tuple[torch.
 # eval(net) -> figures for the epoch row (eval_accuracy and/or eval_agreement); the first value is the score
 EvalFn = Callable[[nn.Module], dict[str, float]]
 _PROGRESS_EVERY_S = 0.5
-
-
-def _selected(name: str, targets: list[str] | None, ignore: list[str]) -> bool:
-    return (targets is None or any(fnmatchcase(name, p) for p in targets)) \
-        and not any(fnmatchcase(name, p) for p in ignore)
 
 
 def _optimizer(spec: TrainingSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -123,7 +117,7 @@ def train(model: LoadedModel, net: nn.Module, spec: TrainingSpec, ctx: StepConte
     """Train `net` (the model's module) in place with `loss_fn`; see the module docstring for the guarantees."""
     device = ctx.device
     params = [(n, p) for n, p in net.named_parameters() if p.dtype.is_floating_point]
-    trained = [(n, p) for n, p in params if _selected(n, spec.targets, spec.ignore)]
+    trained = [(n, p) for n, p in params if spec.selects(n)]
     if not trained:
         raise EngineError("no_effect", f"steps[{ctx.index}]: no parameter matched targets={spec.targets} "
                                        f"ignore={spec.ignore}; parameters: {[n for n, _ in params][:50]}")

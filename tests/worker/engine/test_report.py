@@ -92,6 +92,9 @@ def test_report_png_shows_original_result_and_layers(guarded_job):
     assert points["size"]["original"][0] == m["original"]["size_bytes"]
     smallest = min(m["compressed"]["size_bytes"], m["compressed"]["safetensors_size_bytes"])
     assert points["size"]["result"] == (smallest, m["compressed"]["accuracy"])
+    # latency read where the headline speed-up is (the guard's min_speedup point): torch, the largest batch
+    assert points["latency"]["result"][0] == m["compressed"]["latency_ms"]["torch"]["8"]["median"]
+    assert points["latency"]["original"][0] == m["original"]["latency_ms"]["torch"]["8"]["median"]
     assert [name for name, _, _ in points["layers"]] == [layer["name"] for layer in m["layers"]]
 
 

@@ -15,40 +15,29 @@ import torch
 from torch import nn
 
 
-def _head_slices(block: Any, n_heads: int) -> list[list[torch.Tensor]]:
-    """Per head, the weight pieces that belong to it (views), for importance."""
-    d = block.head_size
-    pieces = []
-    for h in range(n_heads):
-        rows = slice(h * d, (h + 1) * d)
-        pieces.append([block.query.weight[rows], block.key.weight[rows], block.value.weight[rows],
-                       block.output.weight[:, rows]])
-    return pieces
+def _head_parts(block: Any, h: int, grads: bool = False) -> list[torch.Tensor]:
+    """Head h's weights (views): its q/k/v rows and output-projection columns; or their gradients (zeros where
+    none was accumulated)."""
+    def of(p: nn.Parameter) -> torch.Tensor:
+        return (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p
+
+    rows = slice(h * block.head_size, (h + 1) * block.head_size)
+    return [of(block.query.weight)[rows], of(block.key.weight)[rows], of(block.value.weight)[rows],
+            of(block.output.weight)[:, rows]]
 
 
 def head_importance(block: Any, importance: str) -> torch.Tensor:
     n_heads = block.query.out_features // block.head_size
     scores = []
     with torch.no_grad():
-        for parts in _head_slices(block, n_heads):
+        for h in range(n_heads):
+            parts = _head_parts(block, h)
             if importance == "taylor":
-                grads = _head_grads(block, len(scores))
-                scores.append(sum(float((w * g).abs().sum()) for w, g in zip(parts, grads)))
+                scores.append(sum(float((w * g).abs().sum()) for w, g in zip(parts, _head_parts(block, h, True))))
             else:
                 p = 1 if importance == "l1" else 2
                 scores.append(float(torch.cat([w.reshape(-1) for w in parts]).norm(p=p)))
     return torch.tensor(scores)
-
-
-def _head_grads(block: Any, h: int) -> list[torch.Tensor]:
-    d = block.head_size
-    rows = slice(h * d, (h + 1) * d)
-    out = []
-    for w, sl in ((block.query.weight, rows), (block.key.weight, rows), (block.value.weight, rows)):
-        out.append(torch.zeros_like(w[sl]) if w.grad is None else w.grad[sl])
-    ow = block.output.weight
-    out.append(torch.zeros_like(ow[:, rows]) if ow.grad is None else ow.grad[:, rows])
-    return out
 
 
 def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:

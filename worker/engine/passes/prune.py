@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 import torch
 
 from app.recipes import PruneSpec, StepSpec
@@ -12,11 +10,9 @@ from worker.engine.formats.base import LoadedModel, WeightRef, get_format
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
 
 
-def select(refs: list[WeightRef], targets: list[str] | None, ignore: list[str]) -> list[WeightRef]:
-    """The refs whose name matches a target (all when None) and no ignore pattern."""
-    return [r for r in refs
-            if (targets is None or any(fnmatchcase(r.name, p) for p in targets))
-            and not any(fnmatchcase(r.name, p) for p in ignore)]
+def select(refs: list[WeightRef], spec: StepSpec) -> list[WeightRef]:
+    """The refs the step's targets/ignore patterns select."""
+    return [r for r in refs if spec.selects(r.name)]
 
 
 def smallest_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,7 +201,7 @@ def _prune_nm(model: LoadedModel, spec: PruneSpec, ctx: StepContext, eligible: l
 def selected_weights(model: LoadedModel, spec: StepSpec, ctx: StepContext) -> tuple[list, list]:
     """(eligible weights, those the step's targets/ignore select), or no_effect when the selection is empty."""
     eligible = get_format(model.format).eligible_weights(model)
-    refs = select(eligible, spec.targets, spec.ignore)
+    refs = select(eligible, spec)
     if not refs:
         raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
                                        f"ignore={spec.ignore}; eligible: {[r.name for r in eligible][:50]}")

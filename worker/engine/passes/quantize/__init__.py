@@ -174,7 +174,7 @@ class Quantize(Pass):
         fmt = get_format(model.format)
         notes: list[str] = []
         eligible = fmt.eligible_weights(model)
-        selected = select(eligible, spec.targets, spec.ignore)
+        selected = select(eligible, spec)
         kept: dict[str, str] = {r.name: "not selected by targets/ignore" for r in eligible if r not in selected}
         calibration = _calibration(model, spec, ctx, notes) if spec.method == "static_int8" else None
         sample = _model_inputs(model, calibration)
