@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import get_settings
+from app.models import DEFAULT_PRIORITY
 
 EXIT_CODES = {
     0: "success",
@@ -416,6 +417,8 @@ def compress(ctx: typer.Context,
              output: Path = typer.Option(None, "--output", "-o", help="Download the artifacts into this folder."),
              wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job to its end."),
              timeout: float = typer.Option(None, help="Stop waiting after this many seconds (exit 8)."),
+             priority: int = typer.Option(DEFAULT_PRIORITY, min=0, max=9,
+                                          help="0 (lowest) to 9 (highest): waiting jobs with a higher one run first."),
              as_json: bool = typer.Option(False, "--json", help="Print the job as JSON (no progress bar)."),
              ) -> None:
     """Compress a model with a recipe; with --wait, follow it live, print the results and download them."""
@@ -424,7 +427,7 @@ def compress(ctx: typer.Context,
         model_id = _id_or_upload(client, "models", model, as_json)
         datasets = {k: _id_or_upload(client, "datasets", v, as_json)
                     for k, v in (("calibration", calibration), ("train", train), ("eval", eval_)) if v}
-        job = client.create_job(model_id, recipe_value, **datasets)
+        job = client.create_job(model_id, recipe_value, priority=priority, **datasets)
         if not as_json:
             err.print(f"job {job.id} queued", highlight=False)
         if not wait:

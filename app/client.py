@@ -28,8 +28,8 @@ import httpx
 
 from app.config import client_config
 from app.webhooks_verify import WebhookVerificationError, verify_webhook  # noqa: F401  (re-exported for receivers)
-from app.schemas import (Comparison, EventOut, FileOut, JobOut, JobPage, KeyCreated, KeyOut, ModelPage,
-                         RecipeValidation, SweepOut, SweepPage)
+from app.schemas import (DEFAULT_PRIORITY, Comparison, EventOut, FileOut, JobOut, JobPage, KeyCreated, KeyOut,
+                         ModelPage, RecipeValidation, SweepOut, SweepPage)
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 CHUNK = 1024 * 1024
@@ -269,10 +269,10 @@ class Client:
 
     def create_job(self, model_id: str, recipe: dict[str, Any] | str, *, calibration: str | None = None,
                    train: str | None = None, eval: str | None = None, metadata: dict[str, Any] | None = None,
-                   idempotency_key: str | None = None) -> JobOut:
-        """`recipe`: a recipe object or a preset name; datasets by id. A replay of `idempotency_key` answers the
-        job it created."""
-        body = {"model_id": model_id, "recipe": recipe, "metadata": metadata or {},
+                   idempotency_key: str | None = None, priority: int = DEFAULT_PRIORITY) -> JobOut:
+        """`recipe`: a recipe object or a preset name; datasets by id; `priority` 0 (lowest) to 9 (highest). A
+        replay of `idempotency_key` answers the job it created."""
+        body = {"model_id": model_id, "recipe": recipe, "metadata": metadata or {}, "priority": priority,
                 "datasets": _params(calibration=calibration, train=train, eval=eval)}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobOut(**self._json("POST", "/v1/jobs", json=body, headers=headers))
@@ -388,9 +388,9 @@ class Client:
     def create_sweep(self, model_id: str, recipe: dict[str, Any] | str, grid: dict[str, list[Any]],
                      objective: str | dict[str, float], *, calibration: str | None = None, train: str | None = None,
                      eval: str | None = None, metadata: dict[str, Any] | None = None,
-                     idempotency_key: str | None = None) -> SweepOut:
+                     idempotency_key: str | None = None, priority: int = DEFAULT_PRIORITY) -> SweepOut:
         body = {"model_id": model_id, "recipe": recipe, "grid": grid, "objective": objective,
-                "metadata": metadata or {}, "datasets": _params(calibration=calibration, train=train, eval=eval)}
+                "metadata": metadata or {}, "priority": priority, "datasets": _params(calibration=calibration, train=train, eval=eval)}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return SweepOut(**self._json("POST", "/v1/sweeps", json=body, headers=headers))
 

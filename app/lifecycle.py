@@ -50,9 +50,9 @@ class TeamBusy(Exception):
     """The job's team already runs `team_limit` jobs: the job stays queued and its message should come back
     later (to `queue`); its `enqueued_at` is bumped, so the reaper re-sends it only if that message is lost."""
 
-    def __init__(self, job_id: str, queue: str):
+    def __init__(self, job_id: str, queue: str, priority: int):
         super().__init__(f"{job_id}: the team is at its running-jobs limit")
-        self.queue = queue
+        self.queue, self.priority = queue, priority
 
 
 TEAM_WAIT_STAGE = "waiting: the team is at its running-jobs limit"
@@ -82,14 +82,15 @@ def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim |
                 started_at=now, stage="starting", progress=0.0, error_code=None, error_message=None)
     ).rowcount
     if not taken:
-        queue = db.scalar(select(Job.queue).where(Job.id == job_id, Job.status == "queued")) if team_limit else None
-        if queue is None:
+        waiting = db.execute(select(Job.queue, Job.priority).where(Job.id == job_id, Job.status == "queued")
+                             ).one_or_none() if team_limit else None
+        if waiting is None:
             db.rollback()
             return None
         db.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
                    .values(enqueued_at=now, stage=TEAM_WAIT_STAGE))
         db.commit()
-        raise TeamBusy(job_id, queue)
+        raise TeamBusy(job_id, *waiting)
     job = db.get(Job, job_id)
     db.refresh(job)
     model = db.get(Model, job.model_id)
@@ -173,13 +174,13 @@ def finish(db: Session, job_id: str, lease: str, outcome: Outcome) -> str | None
 
 
 def reap(db: Session, *, heartbeat_timeout_s: float, requeue_after_s: float, max_attempts: int,
-         send: Callable[[str, str], None]) -> dict[str, int]:
+         send: Callable[[str, str, int], None]) -> dict[str, int]:
     """Requeues jobs whose worker stopped heartbeating and re-sends queued jobs nobody claimed."""
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "canceled": 0, "resent": 0}
     stale = list(db.scalars(select(Job).where(Job.status.in_(ACTIVE),
                                               Job.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s))))
-    to_send: list[tuple[str, str]] = []
+    to_send: list[tuple[str, str, int]] = []
     for job in stale:
         base = update(Job).where(Job.id == job.id, Job.lease == job.lease, Job.status == job.status)
         if job.status == "canceling":
@@ -198,18 +199,18 @@ def reap(db: Session, *, heartbeat_timeout_s: float, requeue_after_s: float, max
             add_event(db, job.id, "requeued", f"worker {job.worker} stopped heartbeating; requeued",
                       {"attempt": job.attempts})
             counts["requeued"] += 1
-            to_send.append((job.id, job.queue))
-    unclaimed = list(db.execute(select(Job.id, Job.queue, Job.enqueued_at).where(
+            to_send.append((job.id, job.queue, job.priority))
+    unclaimed = list(db.execute(select(Job.id, Job.queue, Job.priority, Job.enqueued_at).where(
         Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=requeue_after_s))))
-    for job_id, queue_name, enqueued_at in unclaimed:
+    for job_id, queue_name, priority, enqueued_at in unclaimed:
         if db.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == enqueued_at)
                       .values(enqueued_at=now)).rowcount:
             counts["resent"] += 1
-            to_send.append((job_id, queue_name))
+            to_send.append((job_id, queue_name, priority))
     db.commit()
-    for job_id, queue_name in to_send:  # after commit: a fast worker must find the row queued
+    for job_id, queue_name, priority in to_send:  # after commit: a fast worker must find the row queued
         try:
-            send(job_id, queue_name)
+            send(job_id, queue_name, priority)
         except Exception as exc:
             log.warning("re-send of %s failed (next sweep retries): %s", job_id, exc)
     if any(counts.values()):

@@ -10,6 +10,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, UTCDateTime, utcnow
 
+# Job priority, 0 (lowest) to 9 (highest); app/queue.py turns it into the broker's own scale.
+DEFAULT_PRIORITY = 5
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceling", "canceled")
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 
@@ -93,6 +95,7 @@ class Job(Base):
     datasets: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     queue: Mapped[str] = mapped_column(String(40))
+    priority: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRIORITY, server_default=str(DEFAULT_PRIORITY))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A fresh lease per claim: only the holder of the current lease may record progress or results.
     lease: Mapped[str | None] = mapped_column(String(40), nullable=True)

@@ -7,8 +7,10 @@ from functools import lru_cache
 from celery import Celery
 
 from app.config import Settings, get_settings
+from app.models import DEFAULT_PRIORITY
 
 RUN_JOB_TASK = "squeeze.run_job"
+MAX_PRIORITY = 9
 
 
 def celery_config(settings: Settings) -> dict:
@@ -34,8 +36,16 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": 0.1,
         }
     else:
-        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+        # One Redis list per priority level (kombu's default groups 0-9 into four), taken highest first.
+        conf["broker_transport_options"] = {"visibility_timeout": 3600,
+                                            "priority_steps": list(range(MAX_PRIORITY + 1)),
+                                            "queue_order_strategy": "priority"}
     return conf
+
+
+def broker_priority(priority: int) -> int:
+    """Squeeze's priority (9 = most urgent) on the broker's scale: kombu's Redis transport takes 0 first."""
+    return MAX_PRIORITY - priority
 
 
 @lru_cache
@@ -45,8 +55,8 @@ def _sender() -> Celery:
     return app
 
 
-def enqueue(job_id: str, queue: str) -> None:
-    _sender().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,
+def enqueue(job_id: str, queue: str, priority: int = DEFAULT_PRIORITY) -> None:
+    _sender().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, priority=broker_priority(priority), retry=True,
                         retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
 
 

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from app import models
 from app.recipes import Objective, Runtime
 
+DEFAULT_PRIORITY = models.DEFAULT_PRIORITY
+PRIORITY_HELP = ("0 (lowest) to 9 (highest): among the jobs waiting on the same queue, higher runs first with the "
+                 "Redis broker (the embedded filesystem broker keeps submit order). Running jobs are not preempted.")
+
 
 class ErrorDetail(BaseModel):
     code: str
@@ -96,6 +100,7 @@ class JobCreate(BaseModel):
     datasets: JobDatasets = Field(default_factory=JobDatasets)
     webhook: JobWebhook | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=9, description=PRIORITY_HELP)
 
 
 class JobError(BaseModel):
@@ -131,6 +136,7 @@ class JobOut(BaseModel):
     attempts: int
     queue: str = Field(description="The queue the job was routed to (training and CUDA jobs to the GPU queue when "
                                    "one is configured).")
+    priority: int = Field(DEFAULT_PRIORITY, description=PRIORITY_HELP)
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -168,7 +174,7 @@ def job_out(job: models.Job) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, progress=round(job.progress, 4), stage=job.stage, model_id=job.model_id,
         recipe=job.recipe, outputs=job.outputs, datasets=job.datasets or {}, metadata=job.job_metadata or {},
-        attempts=job.attempts, queue=job.queue, created_at=job.created_at, started_at=job.started_at,
+        attempts=job.attempts, queue=job.queue, priority=job.priority, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         metrics=job.metrics, engine_seconds=job.engine_seconds,
@@ -193,6 +199,7 @@ class SweepCreate(BaseModel):
                                                   '{"size", "speed", "accuracy"}; higher score wins.')
     datasets: JobDatasets = Field(default_factory=JobDatasets)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=9, description="Every point's job priority. " + PRIORITY_HELP)
 
 
 class ParetoFronts(BaseModel):

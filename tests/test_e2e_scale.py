@@ -102,3 +102,28 @@ def test_team_running_limit_defers_without_blocking_other_teams(services, stack_
     assert all(runs[i][1] <= runs[i + 1][0] for i in range(len(runs) - 1)), runs  # one alpha job at a time
     # beta was not held behind alpha's queue: it started before alpha's last job did
     assert done["beta"][0]["started_at"] < runs[-1][0]
+
+
+def test_higher_priority_jobs_leave_the_queue_first(services, stack_factory, tmp_path):
+    """Jobs wait with no worker up; a single-slot worker then takes them by priority (FIFO within one level)."""
+    _, _, x_test, _ = modelzoo.digits_split()
+    pt2 = modelzoo.export_pt2(modelzoo.train_mlp(), x_test, tmp_path / "mlp.pt2")
+    stack = stack_factory("postgres", SQUEEZE_SANDBOX_THREADS="1")
+    stack.start_api()
+    client = stack.client(new_team_key(stack.admin, "ranked"))
+    model = client.post("/v1/models", params={"name": "mlp.pt2"}, content=pt2.read_bytes()).json()
+    submitted = []
+    for priority in (1, 1, 5, 9, 1, 5):
+        r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": SMALL_JOB, "priority": priority})
+        assert r.status_code == 202 and r.json()["priority"] == priority, r.text
+        submitted.append(r.json()["id"])
+    assert client.post("/v1/jobs", json={"model_id": model["id"], "recipe": SMALL_JOB,
+                                         "priority": 10}).status_code == 422
+    stack.start_worker(concurrency=1)
+    done = [wait_for(client, job_id, timeout=240) for job_id in submitted]
+    assert all(j["status"] == "succeeded" for j in done), [(j["id"], j["error"]) for j in done]
+    started = [j["id"] for j in sorted(done, key=lambda j: j["started_at"])]
+    by_priority = [j["id"] for j in sorted(done, key=lambda j: -j["priority"])]  # stable: submit order kept
+    assert started == by_priority, ([(j["priority"], j["started_at"]) for j in done], stack.log_dir)
+    rerun = client.post(f"/v1/jobs/{submitted[3]}/rerun").json()
+    assert rerun["priority"] == 9

@@ -8,7 +8,7 @@ from app import lifecycle
 from app.config import get_settings
 from app.db import session_scope
 from app.logging_setup import job_id_var
-from app.queue import RUN_JOB_TASK
+from app.queue import RUN_JOB_TASK, broker_priority
 from worker import supervisor
 from worker.celery_app import celery
 
@@ -31,7 +31,8 @@ def _run(self, job_id: str) -> str | None:
             claim = lifecycle.claim(db, job_id, worker=self.request.hostname or "worker",
                                     team_limit=settings.team_max_running)
     except lifecycle.TeamBusy as busy:  # still queued: back on its queue, and this worker takes the next message
-        self.apply_async(args=[job_id], queue=busy.queue, countdown=settings.team_defer_s)
+        self.apply_async(args=[job_id], queue=busy.queue, countdown=settings.team_defer_s,
+                         priority=broker_priority(busy.priority))
         log.info("team at its running-jobs limit; deferred %.1f s", settings.team_defer_s)
         return None
     if claim is None:  # someone else has it, or it was canceled: a redelivery is a no-op

@@ -96,8 +96,8 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
     webhook = check_job_webhook(db, settings, principal, body.webhook)
     job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
               outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=job_queue(settings, recipe),
-              enqueued_at=utcnow(), idempotency_key=idempotency_key, request_hash=request_hash, sweep_id=sweep_id,
-              webhook=webhook)
+              priority=body.priority, enqueued_at=utcnow(), idempotency_key=idempotency_key,
+              request_hash=request_hash, sweep_id=sweep_id, webhook=webhook)
     db.add(job)
     try:
         db.flush()
@@ -111,7 +111,7 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
             raise
         return _replay(existing, request_hash), False
     try:
-        queue.enqueue(job.id, job.queue)
+        queue.enqueue(job.id, job.queue, job.priority)
     except Exception as exc:  # the row is the truth: the reaper re-sends queued jobs nobody claimed
         log.warning("enqueue of %s failed, the reaper will re-send it: %s", job.id, exc)
     return job, True
@@ -191,5 +191,5 @@ def rerun_job(db: Session, settings: Settings, principal: Principal, job_id: str
     metadata = {k: v for k, v in (old.job_metadata or {}).items() if k not in ("sweep", "rerun_of")}
     body = JobCreate(model_id=old.model_id, recipe=old.recipe, datasets=JobDatasets(**(old.datasets or {})),
                      webhook=JobWebhook(**old.webhook) if old.webhook else None,
-                     metadata={**metadata, "rerun_of": old.id})
+                     metadata={**metadata, "rerun_of": old.id}, priority=old.priority)
     return create_job(db, settings, principal, body, idempotency_key)

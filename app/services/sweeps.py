@@ -146,7 +146,7 @@ def _stored_request(body: SweepCreate) -> dict[str, Any]:
 
 
 def _point_body(body: SweepCreate, point: Point) -> JobCreate:
-    return JobCreate(model_id=body.model_id, recipe=point.recipe, datasets=body.datasets,
+    return JobCreate(model_id=body.model_id, recipe=point.recipe, datasets=body.datasets, priority=body.priority,
                      metadata={**body.metadata, "sweep": {"point": point.index, "values": point.values}})
 
 

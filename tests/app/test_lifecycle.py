@@ -57,20 +57,20 @@ def test_reaper_requeues_then_gives_up_and_resends_unclaimed(configured):
         lease = lifecycle.claim(db, job_id, "w1").lease
         db.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
         db.commit()
-        counts = lifecycle.reap(db, send=lambda j, q: sent.append(j), **SETTINGS)
+        counts = lifecycle.reap(db, send=lambda j, q, p: sent.append(j), **SETTINGS)
         assert counts["requeued"] == 1 and sent == [job_id]
         assert lifecycle.heartbeat(db, job_id, lease) is None  # the old attempt lost its lease
         lifecycle.claim(db, job_id, "w2")
         db.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
         db.commit()
-        counts = lifecycle.reap(db, send=lambda j, q: sent.append(j), **SETTINGS)
+        counts = lifecycle.reap(db, send=lambda j, q, p: sent.append(j), **SETTINGS)
         job = db.get(Job, job_id)
         db.refresh(job)
         assert counts["failed"] == 1 and job.status == "failed" and job.error_code == "worker_lost"
 
         queued = _job(db)
-        assert lifecycle.reap(db, send=lambda j, q: sent.append(j), **SETTINGS)["resent"] == 0
+        assert lifecycle.reap(db, send=lambda j, q, p: sent.append(j), **SETTINGS)["resent"] == 0
         db.get(Job, queued).enqueued_at = utcnow() - timedelta(seconds=120)
         db.commit()
-        assert lifecycle.reap(db, send=lambda j, q: sent.append(j), **SETTINGS)["resent"] == 1
+        assert lifecycle.reap(db, send=lambda j, q, p: sent.append(j), **SETTINGS)["resent"] == 1
         assert sent[-1] == queued

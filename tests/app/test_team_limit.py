@@ -44,7 +44,7 @@ def test_claims_past_the_limit_are_deferred_and_other_teams_are_not(configured):
         # enqueued_at is fresh: the reaper leaves the deferred message alone instead of sending a duplicate
         assert job.enqueued_at > utcnow() - timedelta(seconds=10)
         sent: list[str] = []
-        lifecycle.reap(db, send=lambda j, q: sent.append(j), heartbeat_timeout_s=30, requeue_after_s=60,
+        lifecycle.reap(db, send=lambda j, q, p: sent.append(j), heartbeat_timeout_s=30, requeue_after_s=60,
                        max_attempts=3)
         assert sent == [b1]  # only the other team's old, unclaimed job
         assert lifecycle.claim(db, b1, "w4", team_limit=2) is not None  # another team's job runs
