@@ -244,8 +244,62 @@ def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list
         raise EngineError("unsupported", f"onnxruntime dynamic quantization failed: {type(exc).__name__}: "
                                          f"{str(exc)[:500]}") from exc
     result = onnx.load(str(out))
+    stored = store_constants_int8(result, exclude, keep_norm)
+    if stored:
+        notes.append(f"onnxruntime: {len(stored)} other float constant(s) that no quantized op reads (e.g. a constant-folded "
+                     f"position embedding) stored as int8 per row + DequantizeLinear: {stored[:5]}")
     strip_debug_info(result)
     return result, notes
+
+
+# Smaller float constants (biases, scales, shapes) stay float: their int8 copy would save little and cost accuracy.
+_MIN_STORED_CONSTANT = 1024
+
+
+def store_constants_int8(proto: onnx.ModelProto, exclude: list[str], keep_norm: bool) -> list[str]:
+    """Weight-only int8 storage for the float matrices dynamic quantization leaves behind (ORT quantizes the
+    weights of MatMul/Gather, but not a constant that feeds an Add, such as the position embeddings the exporter
+    folds into one table): each becomes an int8 initializer with a symmetric scale per row, and a DequantizeLinear
+    node that rebuilds the float table when the model runs. Constants read by an excluded (kept-float) node, or by
+    a normalization op with `keep_norm`, stay as they are. Returns the names stored."""
+    graph = proto.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_inputs = {i.name for i in graph.input}
+    skip = set(exclude)
+    stored, new_nodes, new_inits, keep = [], [], [], []
+    for init in graph.initializer:
+        users = readers.get(init.name, [])
+        # A matrix, possibly under leading 1-sized dims (the exporter keeps [1, positions, hidden]).
+        eligible = (init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2
+                    and all(d == 1 for d in init.dims[:-2])
+                    and int(np.prod(init.dims)) >= _MIN_STORED_CONSTANT and init.name not in graph_inputs and users
+                    and not any(n.name in skip or (keep_norm and n.op_type in NORM_OPS) for n in users))
+        if not eligible:
+            keep.append(init)
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        rows = w.reshape(w.shape[-2], w.shape[-1])
+        scale = np.abs(rows).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+        base = init.name
+        new_inits += [numpy_helper.from_array(q, base + "_int8"),
+                      numpy_helper.from_array(scale.astype(np.float32), base + "_int8_scale"),
+                      numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), base + "_int8_zero_point")]
+        new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_int8_scale",
+                                                                base + "_int8_zero_point"], [base],
+                                          name=base + "_dequantize", axis=len(init.dims) - 2))
+        stored.append(base)
+    if stored:
+        del graph.initializer[:]
+        graph.initializer.extend(keep + new_inits)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(new_nodes + nodes)  # constants first: the graph stays topologically sorted
+    return stored
 
 
 def int8_weights(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
