@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import compression, fuzz, scale, service
+from bench import compression, fuzz, load, scale, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -28,6 +28,7 @@ SUITES = {
     "compression": lambda work: compression.bench_compression(work),
     "scale": lambda work: scale.bench_scale(work),
     "fuzz": lambda work: fuzz.bench_fuzz(work),
+    "load": lambda work: load.bench_load(work),
 }
 
 
@@ -78,6 +79,10 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                          lambda r: r.get("status") == "succeeded" and r.get("macs_ratio", 0) > 1),
     "bert_heads50_mlp50_finetune3": ("heads and MLP width removed, runs end to end, fewer MACs",
                                      lambda r: r.get("status") == "succeeded" and r.get("macs_ratio", 0) > 1),
+    "load_20_clients_300s": ("nothing lost (every accepted job terminal, run once, artifacts and uploads intact), "
+                             "no 5xx", lambda r: r["lost"] == 0 and r["errors_5xx_or_connection"] == 0
+                             and r["jobs_run_more_than_once"] == 0 and r["jobs_with_bad_events"] == 0
+                             and r["hash_or_etag_mismatches"] == 0),
     "resnet_palette16": ("safetensors >= 6x smaller, accuracy drop <= 0.5 point",
                          lambda r: r.get("size_ratio", 0) >= 6 and r.get("accuracy_drop", 1) <= 0.005),
 }
@@ -103,6 +108,15 @@ def render(results: dict[str, dict]) -> str:
             met = "" if check is None else ("yes" if check(figures) else "**no**")
             lines.append(f"| {key} | {', '.join(f'{k}={v}' for k, v in summary.items())} | {target} | {met} |")
         lines.append("")
+        for key, figures in result["results"].items():
+            if isinstance(figures.get("endpoints"), dict):  # the load suite: one row per endpoint
+                lines += [f"{key}, per endpoint (latency from send to last byte, ms):", "",
+                          "| endpoint | requests | errors | unexpected 4xx | p50 | p95 | p99 | max |",
+                          "|---|---|---|---|---|---|---|---|"]
+                lines += [f"| `{name}` | {e['requests']} | {e['errors']} | {e['unexpected_4xx']} | {e['p50_ms']} | "
+                          f"{e['p95_ms']} | {e['p99_ms']} | {e['max_ms']} |"
+                          for name, e in figures["endpoints"].items()]
+                lines.append("")
     return "\n".join(lines)
 
 
