@@ -271,8 +271,10 @@ def digits_tokens(x: np.ndarray) -> np.ndarray:
 
 
 def build_tiny_bert(epochs: int = 6, train: bool = True, hidden: int = 32, intermediate: int = 64,
-                    lr: float = 3e-3) -> nn.Module:
-    """BertForSequenceClassification (2 layers, hidden 32, 4 heads, MLP 64 unless given) trained on digit tokens."""
+                    lr: float = 3e-3, one_cycle: bool = False) -> nn.Module:
+    """BertForSequenceClassification (2 layers, hidden 32, 4 heads, MLP 64 unless given) trained on digit tokens.
+    `one_cycle`: warm up to `lr` then anneal (and decay weights by 0.01), which a post-norm transformer needs to
+    learn well from scratch (measured at hidden 128: 92% instead of the low 60s at a constant rate)."""
     import transformers
 
     torch.manual_seed(SEED)
@@ -284,7 +286,10 @@ def build_tiny_bert(epochs: int = 6, train: bool = True, hidden: int = 32, inter
         return net.eval()
     x, y, _, _ = digits_split()
     xt, yt = torch.from_numpy(digits_tokens(x)), torch.from_numpy(y)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01 if one_cycle else 0.0)
+    steps = epochs * -(-len(xt) // 32)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) \
+        if one_cycle else None
     gen = torch.Generator().manual_seed(SEED)
     net.train()
     for _ in range(epochs):
@@ -292,6 +297,8 @@ def build_tiny_bert(epochs: int = 6, train: bool = True, hidden: int = 32, inter
             opt.zero_grad()
             nn.functional.cross_entropy(net(input_ids=xt[idx]).logits, yt[idx]).backward()
             opt.step()
+            if schedule is not None:
+                schedule.step()
     return net.eval()
 
 
