@@ -48,7 +48,18 @@ class Settings(BaseSettings):
     max_zip_entries: int = Field(10_000, gt=0)
 
     job_timeout_s: float = Field(3600.0, gt=0)
+    # The sandbox's address-space limit (RLIMIT_AS) scales with the job's models (the model file plus any teachers):
+    # limit = min(max_bytes, max(memory_bytes, overhead_bytes + per_model_byte x model bytes)). memory_bytes is the
+    # floor every job gets. Measured (python -m bench.run large): a job on a 2 GiB fp32 .pt2 (global magnitude prune,
+    # .pt2 out) peaked at 11.3 GiB of address space (VmPeak), 5.2x the model above the 0.87 GiB a tiny job takes
+    # (interpreter, torch, ONNX Runtime); the global prune step is the peak. 2 GiB + 6x gives it 14.0 GiB, 24% above.
     sandbox_memory_bytes: int = Field(8 * GiB, gt=0)
+    sandbox_memory_overhead_bytes: int = Field(2 * GiB, ge=0)
+    sandbox_memory_per_model_byte: float = Field(6.0, ge=0)
+    # A job that would need more fails at once with `resource_limit` naming this setting, instead of being OOM-killed
+    # half-way; never below memory_bytes. 32 GiB fits the largest default upload (4 GiB -> 26 GiB): set it to what
+    # one job may take on the worker host (its RAM / worker_concurrency).
+    sandbox_memory_max_bytes: int = Field(32 * GiB, gt=0)
     sandbox_file_bytes: int = Field(16 * GiB, gt=0)
     sandbox_max_processes: int = Field(4096, gt=0)
     # Dropped to when the worker runs as root; the sandbox never runs user code as root.

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import compression, fuzz, load, scale, service
+from bench import compression, fuzz, large, load, scale, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -28,6 +28,7 @@ SUITES = {
     "compression": lambda work: compression.bench_compression(work),
     "scale": lambda work: scale.bench_scale(work),
     "fuzz": lambda work: fuzz.bench_fuzz(work),
+    "large": lambda work: large.bench_large(work),
     "load": lambda work: load.bench_load(work),
 }
 
@@ -85,6 +86,11 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                              and r["hash_or_etag_mismatches"] == 0),
     "resnet_palette16": ("safetensors >= 6x smaller, accuracy drop <= 0.5 point",
                          lambda r: r.get("size_ratio", 0) >= 6 and r.get("accuracy_drop", 1) <= 0.005),
+    "large_pt2_2gib_prune50": ("the job succeeds; API and worker each peak below 1/8 of the file (streamed); the "
+                               "sandbox's peak stays under the memory limit it was given",
+                               lambda r: r["status"] == "succeeded"
+                               and max(r["api_peak_rss_mib"], r["worker_peak_rss_mib"]) * 8 * 2**20 < r["model_bytes"]
+                               and r["sandbox_vm_peak_gib"] < r["sandbox_memory_limit_gib"]),
 }
 
 
@@ -117,6 +123,17 @@ def render(results: dict[str, dict]) -> str:
                           f"{e['p95_ms']} | {e['p99_ms']} | {e['max_ms']} |"
                           for name, e in figures["endpoints"].items()]
                 lines.append("")
+        for key, figures in result["results"].items():
+            if isinstance(figures.get("peak_rss_mib"), dict):  # the large suite: one row per phase
+                procs = ("api", "worker", "sandbox", "bench_client")
+                every = (figures.get("details") or {}).get("sample_interval_s")
+                lines += [f"{key}, peak RSS per process and phase (MiB, sampled every {every} s; - = not running):",
+                          "", "| phase | " + " | ".join(procs) + " |", "|---" * (len(procs) + 1) + "|"]
+                lines += [f"| {phase} | " + " | ".join(str(peaks.get(p) or "-") for p in procs) + " |"
+                          for phase, peaks in figures["peak_rss_mib"].items()]
+                stages = figures.get("sandbox_peak_rss_mib_by_stage") or {}
+                lines += ["", "Sandbox peak RSS by engine stage (MiB): "
+                          + ", ".join(f"{stage} {mib}" for stage, mib in stages.items()), ""]
     return "\n".join(lines)
 
 

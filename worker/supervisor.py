@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue as queue_mod
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +61,46 @@ class _Relay(threading.Thread):
         self.lines.put(None)
 
 
-def _limits(settings: Settings) -> isolation.SandboxLimits:
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The sandbox's address-space limit for one job, scaled to the size of the models it loads."""
+
+    input_bytes: int  # the model file plus any teacher models
+    needed_bytes: int  # overhead + per_model_byte x input_bytes
+    limit_bytes: int  # what RLIMIT_AS is set to: needed, raised to the floor, lowered to the cap
+    cap_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.cap_bytes
+
+    def as_event(self) -> dict[str, int]:
+        return {"memory_limit_bytes": self.limit_bytes, "memory_needed_bytes": self.needed_bytes,
+                "model_input_bytes": self.input_bytes}
+
+    def refusal(self, settings: Settings) -> str:
+        return (f"the job's models ({_gib(self.input_bytes)}) would need about {_gib(self.needed_bytes)} of sandbox "
+                f"memory (SQUEEZE_SANDBOX_MEMORY_OVERHEAD_BYTES={settings.sandbox_memory_overhead_bytes} + "
+                f"SQUEEZE_SANDBOX_MEMORY_PER_MODEL_BYTE={settings.sandbox_memory_per_model_byte:g} x model bytes), "
+                f"more than SQUEEZE_SANDBOX_MEMORY_MAX_BYTES={self.cap_bytes} ({_gib(self.cap_bytes)}); run it on a "
+                "worker whose cap is raised to fit, or upload a smaller model")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def sandbox_memory(settings: Settings, input_bytes: int) -> MemoryBudget:
+    """limit = min(cap, max(floor, overhead + factor x input_bytes)); the cap never goes below the floor. A job
+    whose need is past the cap does not fit (`fits` is False) and is refused before anything is staged."""
+    needed = settings.sandbox_memory_overhead_bytes + math.ceil(settings.sandbox_memory_per_model_byte * input_bytes)
+    cap = max(settings.sandbox_memory_max_bytes, settings.sandbox_memory_bytes)
+    return MemoryBudget(input_bytes, needed, min(cap, max(settings.sandbox_memory_bytes, needed)), cap)
+
+
+def _limits(settings: Settings, memory_bytes: int | None = None) -> isolation.SandboxLimits:
     return isolation.SandboxLimits(
-        memory_bytes=settings.sandbox_memory_bytes,
+        memory_bytes=memory_bytes or settings.sandbox_memory_bytes,
         # CPU time is a backstop to the wall-clock timeout: every core may burn it in parallel.
         cpu_seconds=int(settings.job_timeout_s * max(1, settings.threads)) + 60,
         file_bytes=settings.sandbox_file_bytes,
@@ -149,23 +188,35 @@ def run(claim: Claim, settings: Settings | None = None, store: BlobStore | None 
 
 def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Outcome | None:
     try:
+        # Sized from the blob store, before staging: a model too big for this worker fails in a second, not after
+        # a multi-GB copy and an OOM kill.
+        memory = sandbox_memory(settings, store.size(claim.model_sha256)
+                                + sum(store.size(t["sha256"]) for t in claim.teachers.values()))
+    except FileNotFoundError as exc:
+        return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
+    if not memory.fits:
+        log.warning("job %s: refused, %s", claim.job_id, memory.refusal(settings))
+        return Outcome("failed", "resource_limit", memory.refusal(settings))
+    try:
         stage(claim, jobdir, store, settings)
     except FileNotFoundError as exc:
         return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
-    limits = _limits(settings)
+    limits = _limits(settings, memory.limit_bytes)
+    log.info("job %s: sandbox memory limit %d bytes for %d bytes of models", claim.job_id, memory.limit_bytes,
+             memory.input_bytes, extra=memory.as_event())
     isolation.prepare_jobdir(jobdir, limits)
     stderr = open(jobdir.parent / f"{jobdir.name}.stderr", "w+b")
     try:
         proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
                                stdout=subprocess.PIPE, stderr=stderr,
                                extra_env={"OMP_NUM_THREADS": str(settings.threads)})
-        return _supervise(claim, settings, store, jobdir, proc, stderr)
+        return _supervise(claim, settings, store, jobdir, proc, stderr, memory)
     finally:
         stderr.close()
         Path(stderr.name).unlink(missing_ok=True)
 
 
-def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
+def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudget) -> Outcome | None:
     relay = _Relay(proc.stdout)
     relay.start()
     started = time.monotonic()
@@ -173,7 +224,8 @@ def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
     error: dict[str, Any] | None = None
     progress, stage_name = 0.0, "starting"
     events: list[tuple[str, str | None, dict[str, Any]]] = [
-        ("sandbox", "sandbox started", {"isolation": getattr(proc, "isolation", None)})]
+        ("sandbox", f"sandbox started (memory limit {_gib(memory.limit_bytes)})",
+         {"isolation": getattr(proc, "isolation", None), **memory.as_event()})]
     next_beat, eof = 0.0, False
     while True:
         try:
@@ -246,7 +298,7 @@ def _supervise(claim, settings, store, jobdir, proc, stderr) -> Outcome | None:
     if code < 0:
         sig = signal.Signals(-code).name
         return Outcome("failed", "resource_limit",
-                       f"the sandbox was killed by {sig} (memory limit {settings.sandbox_memory_bytes} bytes, "
+                       f"the sandbox was killed by {sig} (memory limit {memory.limit_bytes} bytes, "
                        f"CPU or file-size limit); last output: {tail[-1000:]}")
     if "MemoryError" in tail:
         return Outcome("failed", "resource_limit", f"the sandbox ran out of memory; last output: {tail[-1000:]}")
