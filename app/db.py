@@ -67,7 +67,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=False, pool_size=10, max_overflow=20)
+    # pre_ping: a pooled connection is checked (one round trip) when taken, so connections that a database restart
+    # killed are replaced instead of failing a request or a worker's heartbeat once the database is back.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 @lru_cache

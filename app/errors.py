@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.storage import StorageFull
+
 log = logging.getLogger("squeeze.api")
 
 
@@ -89,6 +91,15 @@ def install(app: FastAPI) -> None:
             )
         log.exception("database error")
         return JSONResponse(error_body("internal", "internal database error"), status_code=500)
+
+    @app.exception_handler(StorageFull)
+    async def _storage_full(_: Request, exc: StorageFull) -> JSONResponse:
+        # The disk under the blob store or the upload temp dir is full: the client's request was fine and may
+        # succeed once an operator frees space, so not a 500. Nothing partial was kept (app/uploads.py,
+        # app/storage.py). The path stays in the log, not in the answer.
+        log.error("storage full: %s", exc)
+        return JSONResponse(error_body("storage_full", "the server has no storage space left for this request; "
+                                                       "nothing was stored"), status_code=507)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -21,8 +22,9 @@ class BlobStore(Protocol):
     """Where models, datasets and artifacts live, addressed by their SHA-256.
 
     Implementations guarantee: `put_file` is atomic (a reader never sees a partial blob),
-    idempotent (the same content twice is one blob) and consumes `src`; `size`, `open`,
-    `read_range` and `fetch` of an unknown digest raise FileNotFoundError; `fetch` writes the blob
+    idempotent (the same content twice is one blob), consumes `src` (stored or not) and raises
+    StorageFull when no space is left; `size`, `open`, `read_range` and `fetch` of an unknown
+    digest raise FileNotFoundError; `fetch` writes the blob
     to a local path with no shared disk assumed (the worker's way in). `local_path` is the file
     itself where the store has one (None otherwise), `presigned_url` a URL a client may download
     from directly (None when the store does not hand those out).
@@ -37,6 +39,21 @@ class BlobStore(Protocol):
     def local_path(self, sha256: str) -> Path | None: ...
     def presigned_url(self, sha256: str, filename: str) -> str | None: ...
     def delete(self, sha256: str) -> None: ...
+
+
+# A full disk, or a full quota: the same answer for the user (507 at upload, `storage_full` for a job).
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFull(OSError):
+    """No space left where a blob or an upload's temp file is written. Raised instead of the bare ENOSPC so the API
+    (app/errors.py) and the worker (worker/supervisor.py) can name it; nothing partial is left behind."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _check_digest(sha256: str) -> str:
@@ -57,24 +74,38 @@ class LocalStore:
 
     def put_file(self, src: Path, sha256: str) -> None:
         dest = self._path(sha256)
-        if dest.exists():
-            src.unlink(missing_ok=True)
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Temp files are 0600; blobs must be readable by the API and worker users alike.
-        os.chmod(src, 0o644)
         try:
-            os.replace(src, dest)  # same filesystem: atomic
-        except OSError:
-            # Another filesystem: copy to a temp name beside the destination, then rename.
-            with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-                with open(src, "rb") as f:
-                    shutil.copyfileobj(f, tmp, CHUNK)
+            if dest.exists():
+                return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Temp files are 0600; blobs must be readable by the API and worker users alike.
+            os.chmod(src, 0o644)
+            try:
+                os.replace(src, dest)  # same filesystem: atomic
+            except OSError:
+                self._copy_in(src, dest)
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise StorageFull(f"no space left in the blob store ({self.root}) for {sha256}") from exc
+            raise
+        finally:
+            src.unlink(missing_ok=True)  # consumed, stored or not: a failed put leaves no temp file behind
+
+    @staticmethod
+    def _copy_in(src: Path, dest: Path) -> None:
+        """Another filesystem: copy to a temp name beside the destination, then rename. A copy cut short (a full
+        disk) removes its temp file: the store never keeps a partial blob, under any name."""
+        tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".put-", delete=False)
+        try:
+            with tmp, open(src, "rb") as f:
+                shutil.copyfileobj(f, tmp, CHUNK)
                 tmp.flush()
                 os.fsync(tmp.fileno())
             os.chmod(tmp.name, 0o644)
             os.replace(tmp.name, dest)
-            src.unlink(missing_ok=True)
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
 
     def exists(self, sha256: str) -> bool:
         try:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,21 @@ from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import APIError
+from app.storage import FULL_ERRNOS, StorageFull
+
+# Multipart framing around the file: a declared length this much over a limit may still fit it.
+FRAMING_SLACK = 64 * 1024
+
+
+@contextmanager
+def _disk_full_is_storage_full(tmp_dir: Path) -> Iterator[None]:
+    """ENOSPC while writing the temp file is the server's storage being full (507), not an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in FULL_ERRNOS and not isinstance(exc, StorageFull):
+            raise StorageFull(f"no space left in {tmp_dir} to receive an upload") from exc
+        raise
 
 
 @dataclass
@@ -34,8 +52,9 @@ class _Sink:
     BATCH = 4 * 1024 * 1024
 
     def __init__(self, tmp_dir: Path, limit: int):
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+        self.tmp_dir = tmp_dir
+        with _disk_full_is_storage_full(tmp_dir):
+            fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
         self.file = os.fdopen(fd, "wb")
         self.path = Path(name)
         self.hash = hashlib.sha256()
@@ -53,7 +72,8 @@ class _Sink:
 
     def _consume(self, batch: bytearray) -> None:
         self.hash.update(batch)
-        self.file.write(batch)
+        with _disk_full_is_storage_full(self.tmp_dir):
+            self.file.write(batch)
 
     async def flush(self, force: bool = False) -> None:
         if len(self.buffer) < self.BATCH and not force:
@@ -68,23 +88,34 @@ class _Sink:
 
     async def finish(self) -> None:
         await self.flush(force=True)
-        self.file.close()
+        with _disk_full_is_storage_full(self.tmp_dir):
+            self.file.close()  # writes what is still buffered: may find the disk full too
 
     async def discard(self) -> None:
-        if self.pending is not None:
+        try:
+            if self.pending is not None:
+                try:
+                    await self.pending
+                except Exception:
+                    pass
             try:
-                await self.pending
-            except Exception:
+                self.file.close()
+            except OSError:  # the buffered tail hit the same full disk: the file goes anyway
                 pass
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 async def receive(request: Request, tmp_dir: Path, limit: int) -> Received:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+    if declared and declared.isdigit() and int(declared) > limit + FRAMING_SLACK:
         raise APIError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {limit} bytes",
                        {"limit_bytes": limit})
+    with _disk_full_is_storage_full(tmp_dir):
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    if declared and declared.isdigit() and int(declared) > shutil.disk_usage(tmp_dir).free + FRAMING_SLACK:
+        # Refused before a byte is read, like the 413: the client is not left sending a body that cannot fit.
+        raise StorageFull(f"upload of {declared} bytes does not fit in the free space of {tmp_dir}")
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     sink = _Sink(tmp_dir, limit)
     filename: str | None = None

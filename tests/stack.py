@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
@@ -50,26 +53,111 @@ class Backend:
     cleanup: list = field(default_factory=list)
 
 
-def make_backend(name: str, data_dir: Path) -> Backend:
+def make_backend(name: str, data_dir: Path, *, pg_admin_url: str = PG_ADMIN_URL,
+                 broker_url: str | None = None) -> Backend:
+    """A fresh database (and Redis db) for one stack. `pg_admin_url` and `broker_url` point a postgres backend at
+    other servers than the shared ones (a private PostgreSQL or Redis a test may stop and restart)."""
     if name == "sqlite":
         return Backend(name, f"sqlite:///{data_dir / 'squeeze.db'}", "filesystem://")
-    _need("PostgreSQL", "127.0.0.1", 5432)
-    _need("Redis", REDIS_HOST, REDIS_PORT)
+    pg = urlparse(pg_admin_url)
+    _need("PostgreSQL", pg.hostname or "127.0.0.1", pg.port or 5432)
+    if broker_url is None:
+        _need("Redis", REDIS_HOST, REDIS_PORT)
     import psycopg
     import redis
 
     db_name = "squeeze_t_" + secrets.token_hex(6)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db_name}"')
 
     def drop() -> None:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 
-    redis_db = next(_redis_dbs, 15)
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db).flushdb()
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    return Backend(name, f"{base}/{db_name}", f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}", [drop])
+    if broker_url is None:
+        redis_db = next(_redis_dbs, 15)
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db).flushdb()
+        broker_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
+    base = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    return Backend(name, f"{base}/{db_name}", broker_url, [drop])
+
+
+class PrivateRedis:
+    """A redis-server of the caller's own on a free port, without persistence (`--save "" --appendonly no`):
+    killing it loses every queued message, as a broker restart with its data lost would."""
+
+    def __init__(self, log_dir: Path):
+        self.port, self.log_dir = free_port(), log_dir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise ServiceUnavailable("redis-server is not on PATH")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=open(self.log_dir / f"redis-{self.port}.log", "ab"), stderr=subprocess.STDOUT)
+        _wait_port("Redis", "127.0.0.1", self.port, self.proc)
+
+    def kill(self) -> None:
+        """kill -9: whatever it held is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the caller's own (initdb in a temp dir, trust auth, a free port, its unix socket
+    in that dir), run as the `postgres` user through runuser, so a test may stop and restart it. Needs root."""
+
+    def __init__(self, bin_dir: Path | None = None):
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+        self.bin_dir = bin_dir or (found[-1].parent if found else None)
+        if self.bin_dir is None or not (self.bin_dir / "initdb").exists():
+            raise ServiceUnavailable("no PostgreSQL binaries under /usr/lib/postgresql/*/bin")
+        if os.geteuid() != 0:
+            raise ServiceUnavailable("a private PostgreSQL cluster needs root (to run it as the postgres user)")
+        import pwd
+
+        self.user = pwd.getpwnam("postgres")
+        # Not under pytest's tmp_path: that is 0700 root, which the postgres user cannot enter.
+        self.dir = Path(tempfile.mkdtemp(prefix="squeeze-pg-"))
+        os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self.port = free_port()
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._pg("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def _pg(self, tool: str, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin_dir / tool), *args], check=True,
+                       capture_output=True, cwd=self.dir)
+
+    def start(self) -> None:
+        # fsync off: a test cluster; an immediate stop is a crash of the server, not of the machine.
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-o", options,
+                 "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        if (self.dir / "data" / "postmaster.pid").exists():
+            try:
+                self.stop("immediate")
+            except subprocess.CalledProcessError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_port(service: str, host: str, port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _port_open(host, port):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise ServiceUnavailable(f"{service} did not start on {host}:{port}")
 
 
 def backend_env(backend: Backend, data_dir: Path, **extra: str) -> dict[str, str]:

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, OperationalError
+
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.lifecycle import Claim, Outcome, heartbeat
 from app.recipes import Recipe
 from app.reports import check_guard, guard_message
-from app.storage import BlobStore, make_store
+from app.storage import FULL_ERRNOS, BlobStore, make_store
 from worker import isolation
 
 log = logging.getLogger("squeeze.supervisor")
@@ -210,7 +212,11 @@ def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Ou
         proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
                                stdout=subprocess.PIPE, stderr=stderr,
                                extra_env={"OMP_NUM_THREADS": str(settings.threads)})
-        return _supervise(claim, settings, store, jobdir, proc, stderr, memory)
+        try:
+            return _supervise(claim, settings, store, jobdir, proc, stderr, memory)
+        except BaseException:
+            _kill(proc)  # no sandbox outlives the supervisor's interest in it
+            raise
     finally:
         stderr.close()
         Path(stderr.name).unlink(missing_ok=True)
@@ -227,6 +233,8 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
         ("sandbox", f"sandbox started (memory limit {_gib(memory.limit_bytes)})",
          {"isolation": getattr(proc, "isolation", None), **memory.as_event()})]
     next_beat, eof = 0.0, False
+    confirmed = False  # a heartbeat got through after the sandbox's output ended: the lease is still ours
+    db_down_since: float | None = None
     while True:
         try:
             msg = relay.lines.get(timeout=0.2)
@@ -253,22 +261,38 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
             else:
                 events.append(("protocol_error", f"unexpected line from the sandbox: {msg}"[:500], {}))
         now = time.monotonic()
-        if eof or events or now >= next_beat:
-            with session_scope() as db:
-                status = heartbeat(db, claim.job_id, claim.lease, progress=progress, stage=stage_name,
-                                   events=events)
-            events, next_beat = [], now + settings.heartbeat_interval_s
-            if status is None:
-                log.warning("job %s: lease lost; killing the sandbox", claim.job_id)
-                _kill(proc)
-                return None
-            if status == "canceling":
-                _kill(proc)
-                return Outcome("canceled")
+        if (eof or events or now >= next_beat) and (db_down_since is None or now >= next_beat):
+            try:
+                with session_scope() as db:
+                    status = heartbeat(db, claim.job_id, claim.lease, progress=progress, stage=stage_name,
+                                       events=events)
+            except DBAPIError as exc:
+                if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+                    raise
+                # The database is unreachable (a restart, a failover): the sandbox keeps running and the events
+                # wait for the next beat. Past heartbeat_timeout_s a reaper requeues the job; the first beat that
+                # gets through then finds the lease gone and kills the sandbox, so the job still runs once.
+                if db_down_since is None:
+                    db_down_since = now
+                    log.warning("job %s: heartbeat failed, database unreachable; retrying: %s", claim.job_id,
+                                exc.orig)
+                next_beat = now + settings.heartbeat_interval_s
+            else:
+                if db_down_since is not None:
+                    log.info("job %s: database reachable again after %.1f s", claim.job_id, now - db_down_since)
+                db_down_since = None
+                events, next_beat, confirmed = [], now + settings.heartbeat_interval_s, eof
+                if status is None:
+                    log.warning("job %s: lease lost; killing the sandbox", claim.job_id)
+                    _kill(proc)
+                    return None
+                if status == "canceling":
+                    _kill(proc)
+                    return Outcome("canceled")
         if now - started > settings.job_timeout_s:
             _kill(proc)
             return Outcome("failed", "timeout", f"the job ran past its time limit of {settings.job_timeout_s:g} s")
-        if eof:
+        if confirmed:  # the result is reported only while the database answers and the lease holds
             break
     code = proc.wait()
     if code == 0 and result is not None:
@@ -277,6 +301,10 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
             for entry in result.get("artifacts") or []:
                 artifacts.append(collect_artifact(jobdir, entry, store, settings.tmp_dir))
         except (OSError, ValueError, isolation.SandboxError) as exc:
+            if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:  # the server's disk, not the sandbox's fault
+                log.error("job %s: no space left to store artifacts: %s", claim.job_id, exc)
+                return Outcome("failed", "storage_full", "the server has no storage space left for this job's "
+                                                         "artifacts; none were recorded (rerun once space is freed)")
             return Outcome("failed", "bad_artifact", f"the sandbox produced an unusable artifact: {exc}")
         metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else None
         seconds = result.get("engine_seconds")

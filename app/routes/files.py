@@ -77,7 +77,7 @@ def download_response(request: Request, store: BlobStore, sha256: str, filename:
 def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
     router = APIRouter(prefix=f"/v1/{kind}", tags=[kind], responses=error_responses(401))
 
-    @router.post("", status_code=201, response_model=FileOut, responses=error_responses(400, 413, 415, 422),
+    @router.post("", status_code=201, response_model=FileOut, responses=error_responses(400, 413, 415, 422, 507),
                  openapi_extra={"requestBody": {"content": {
                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                      "multipart/form-data": {"schema": {"type": "object", "properties": {
