@@ -18,7 +18,7 @@ from worker.engine.datasets import Dataset, arrange, load_dataset
 from worker.engine.errors import EngineError
 from worker.engine.formats import get_format, registered_formats
 from worker.engine.passes import PASSES, StepContext, pass_for
-from worker.engine.passes.prune import smallest_mask
+from worker.engine.passes.prune import smallest_mask, smallest_masks
 from worker.engine.pipeline import run_steps
 
 MLP_WEIGHTS = {"0.weight", "2.weight", "4.weight"}
@@ -38,6 +38,21 @@ def test_smallest_mask_is_exact_with_ties():
         mask = smallest_mask(values, k)
         assert int(mask.sum()) == k
         assert bool((values[mask] <= values[~mask].min()).all()) if 0 < k < 100 else True
+
+
+def test_smallest_masks_over_layers_match_a_stable_sort_of_all_magnitudes():
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(64, 32, generator=gen), torch.zeros(100),  # already-pruned weights tie at 0
+              torch.randint(-4, 5, (7, 9), generator=gen).float() / 4,  # quantized values: many exact ties
+              torch.randn(300, generator=gen).half()]  # a half-precision layer
+    flat = torch.cat([t.float().abs().reshape(-1) for t in layers])
+    order = torch.sort(flat, stable=True).indices  # the reference: the first k by value, then by position
+    for k in (1, 99, 100, 101, 1000, flat.numel() - 1):
+        expected = torch.zeros_like(flat, dtype=torch.bool)
+        expected[order[:k]] = True
+        masks = smallest_masks(layers, k)
+        assert [m.shape for m in masks] == [t.shape for t in layers]
+        assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), expected), k
 
 
 @pytest.mark.parametrize("fmt_name", ["pt2", "onnx", "package"])

@@ -20,18 +20,50 @@ def smallest_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
 
     A plain `abs <= threshold` over-prunes when many weights tie (already-zero weights, quantized values).
     """
-    mask = torch.zeros_like(magnitudes, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    if k >= magnitudes.numel():
-        return ~mask
-    threshold = torch.kthvalue(magnitudes, k).values
-    mask = magnitudes < threshold
-    need = k - int(mask.sum())
-    if need > 0:
-        ties = torch.nonzero(magnitudes == threshold, as_tuple=True)[0][:need]
-        mask[ties] = True
-    return mask
+    return smallest_masks([magnitudes], k)[0]
+
+
+def smallest_masks(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Masks of exactly the `k` entries of smallest magnitude over all of `tensors`, as if they were one flat
+    tensor; ties at the threshold broken by position in that order.
+
+    The threshold comes from two histogram passes over the float32 bit patterns of |w| (ordered like the values)
+    instead of `kthvalue` over a concatenated copy, which for a 2 GiB model held the copy, a sorted copy and int64
+    indices at once (4x the weights on top of them, measured): magnitudes are taken one layer at a time, so the
+    extra memory is that layer's temporaries and the boolean masks (a quarter of the float32 weights)."""
+    total = sum(t.numel() for t in tensors)
+    if k <= 0 or k >= total:
+        return [torch.full_like(t, k > 0, dtype=torch.bool) for t in tensors]
+    threshold = _kth_smallest(tensors, k)
+    masks = [t.detach().abs() < threshold for t in tensors]
+    need = k - sum(int(m.sum()) for m in masks)
+    for values, mask in zip(tensors, masks):
+        if need <= 0:
+            break
+        ties = torch.nonzero((values.detach().abs() == threshold).reshape(-1), as_tuple=True)[0][:need]
+        mask.view(-1)[ties] = True
+        need -= ties.numel()
+    return masks
+
+
+def _kth_smallest(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th smallest magnitude (1-based) over `tensors`: the high 16 bits of its float32 pattern find its
+    bucket, the low 16 bits within that bucket find the value."""
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().abs().contiguous().reshape(-1).view(torch.int32)
+
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in tensors:
+        high += torch.bincount(bits(t) >> 16, minlength=1 << 16)
+    below = torch.cumsum(high, 0)
+    bucket = int(torch.searchsorted(below, k))  # first bucket whose running count reaches k
+    rank = k - (int(below[bucket - 1]) if bucket else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in tensors:
+        b = bits(t)
+        low += torch.bincount(b[(b >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    value = (bucket << 16) | int(torch.searchsorted(torch.cumsum(low, 0), rank))
+    return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0]
 
 
 def _sparsity(t: torch.Tensor) -> float:
@@ -217,9 +249,7 @@ class MagnitudePrune(Pass):
         weights = [r.read() for r in refs]
         before = [_sparsity(w) for w in weights]
         if spec.scope == "global":
-            flat = torch.cat([w.detach().abs().float().reshape(-1) for w in weights])
-            flat_mask = smallest_mask(flat, round(spec.sparsity * flat.numel()))
-            masks = list(torch.split(flat_mask, [w.numel() for w in weights]))
+            masks = smallest_masks(weights, round(spec.sparsity * sum(w.numel() for w in weights)))
         else:
             masks = [smallest_mask(w.detach().abs().float().reshape(-1), round(spec.sparsity * w.numel()))
                      for w in weights]
