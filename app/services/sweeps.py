@@ -214,7 +214,8 @@ def _replay(db: Session, principal: Principal, request: dict[str, Any], key: str
     if sweep is None:
         raise _conflict(first.id)
     stored = {"model_id": sweep.model_id, "recipe": sweep.recipe, "grid": sweep.grid, "objective": sweep.objective,
-              "datasets": sweep.datasets, "metadata": sweep.sweep_metadata}
+              "datasets": sweep.datasets, "metadata": sweep.sweep_metadata,
+              "priority": first.priority}  # every point's job carries the sweep's priority
     if json.dumps(stored, sort_keys=True) != json.dumps(request, sort_keys=True):
         raise _conflict(first.id)
     return sweep
