@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -43,6 +44,13 @@ class UTCDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """A database error that says nothing about the request: the server is down, restarting or failing over, the
+    connection was cut, or (SQLite) the file is locked. Retrying later may work; the API answers 503."""
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or isinstance(exc, OperationalError)
+                                            or "connect" in str(exc.orig).lower())
 
 
 def utcnow() -> datetime:

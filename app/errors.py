@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import database_unreachable
 from app.storage import StorageFull
 
 log = logging.getLogger("squeeze.api")
@@ -82,7 +83,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _db_down(_: Request, exc: DBAPIError) -> JSONResponse:
-        if exc.connection_invalidated or "connect" in str(exc.orig).lower():
+        if database_unreachable(exc):
             log.warning("database unavailable: %s", exc.orig)
             return JSONResponse(
                 error_body("database_unavailable", "the database is unavailable; retry shortly"),

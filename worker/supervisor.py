@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, get_settings
-from app.db import session_scope
+from app.db import database_unreachable, session_scope
 from app.lifecycle import Claim, Outcome, heartbeat
 from app.recipes import Recipe
 from app.reports import check_guard, guard_message
@@ -267,7 +267,7 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
                     status = heartbeat(db, claim.job_id, claim.lease, progress=progress, stage=stage_name,
                                        events=events)
             except DBAPIError as exc:
-                if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+                if not database_unreachable(exc):
                     raise
                 # The database is unreachable (a restart, a failover): the sandbox keeps running and the events
                 # wait for the next beat. Past heartbeat_timeout_s a reaper requeues the job; the first beat that

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+
+from sqlalchemy.exc import DBAPIError
 
 from app import lifecycle
 from app.config import get_settings
-from app.db import session_scope
+from app.db import database_unreachable, session_scope
 from app.logging_setup import job_id_var
 from app.queue import RUN_JOB_TASK, broker_priority
 from worker import supervisor
@@ -41,8 +44,23 @@ def _run(self, job_id: str) -> str | None:
     outcome = supervisor.run(claim)
     if outcome is None:  # the lease was lost (reaped as dead): another attempt owns the job now
         return None
-    with session_scope() as db:
-        final = lifecycle.finish(db, job_id, claim.lease, outcome)
+    final = _finish(job_id, claim.lease, outcome, settings)
     log.info("job %s", final or "result dropped (lease lost)",
              extra={"status": final, "error_code": outcome.error_code, "engine_seconds": outcome.engine_seconds})
     return final
+
+
+def _finish(job_id: str, lease: str, outcome, settings) -> str | None:
+    """Records the outcome, retrying while the database is unreachable: the artifacts are already in the blob store,
+    and giving up would leave the job to be reaped and run again. Past the heartbeat timeout a reaper may have
+    requeued it; `finish` then finds the lease gone and drops this result."""
+    deadline = time.monotonic() + settings.heartbeat_timeout_s
+    while True:
+        try:
+            with session_scope() as db:
+                return lifecycle.finish(db, job_id, lease, outcome)
+        except DBAPIError as exc:
+            if not database_unreachable(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("recording the result failed, database unreachable; retrying: %s", exc.orig)
+            time.sleep(settings.heartbeat_interval_s)
