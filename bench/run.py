@@ -71,6 +71,10 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
     "resnet_int8_pt2_compiled": (".pt2 int8 loads and under torch.compile beats fp32 under torch.compile at b32",
                                  lambda r: r.get("status") == "succeeded"
                                  and r.get("speedup_torch-compile_b32", 0) > 1),
+    "resnet_slim50_distill3_int8": ("prune 50% channels -> distill -> static int8 ONNX: >= 10x smaller, >= 6x faster "
+                                    "at b32 than the fp32 original in eager PyTorch, drop <= 1 point",
+                                    lambda r: r.get("size_ratio", 0) >= 10 and r.get("speedup_vs_eager_torch_b32", 0) >= 6
+                                    and r.get("accuracy_drop", 1) <= 0.01),
     "bert_int8_dynamic": (">= 3x smaller on disk, agreement >= 98%",
                           lambda r: r.get("size_ratio", 0) >= 3 and r.get("agreement", 0) >= 0.98),
     "mlp_binary": (">= 20x smaller on disk (accuracy reported, whatever it is)",
