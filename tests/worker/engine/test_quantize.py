@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import zipfile
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tests import modelzoo as mz
+from tests.worker.engine.conftest import onnx_predict
 from tests.worker.engine.test_sandbox import final, run_sandbox
 
 FAST_EVAL = {"batch_sizes": [1, 32], "repeats": 3, "warmup": 1}
@@ -73,6 +75,50 @@ def test_static_int8_cnn_package_to_onnx(tmp_path, cnn_data):
     assert m["ratios"]["accuracy_drop"] <= 0.005
     assert m["ratios"]["size"] >= 3.0
     assert "onnxruntime" in m["original"]["latency_ms"] and "onnxruntime" in m["compressed"]["latency_ms"]
+
+
+def _ort_optimized_ops(path: Path, workdir: Path) -> list[str]:
+    """The op types of the graph ONNX Runtime actually runs (after its layout and fusion passes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(workdir / (path.stem + ".optimized.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_transpose(tmp_path, cnn, digits):
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    x_train, _, x_test, _ = digits
+    images, calibration = mz.as_images(x_test), mz.as_images(x_train[:256])
+    fp32 = mz.export_onnx(cnn, images, tmp_path / "cnn.onnx")
+    proto = onnx.load(str(fp32))
+    assert ort_quant.flatten_channels_last(proto) == 1
+    onnx.save(proto, str(tmp_path / "cnn-channels-last.onnx"))
+    before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "cnn-channels-last.onnx"))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)  # a permutation, not an approximation
+
+    # Quantized with and without the reordering (the patched variant is what quantize_static did before it): in
+    # the graph ONNX Runtime runs, the NHWC -> NCHW transpose before the flatten is gone.
+    from unittest import mock
+
+    transposes = {}
+    for reorder in (False, True):
+        work = tmp_path / f"int8-reorder-{reorder}"
+        work.mkdir()
+        skip = mock.patch.object(ort_quant, "flatten_channels_last", return_value=0)
+        with contextlib.nullcontext() if reorder else skip:
+            quantized, notes = ort_quant.quantize_static(onnx.load(str(fp32)), [calibration], calibration="minmax",
+                                                         per_channel=True, exclude=[], workdir=work, keep_norm=True)
+        assert any("channels-last" in n for n in notes) == reorder, notes
+        onnx.save(quantized, str(work / "int8.onnx"))
+        ops = _ort_optimized_ops(work / "int8.onnx", work)
+        assert "QLinearConv" in ops, ops
+        transposes[reorder] = ops.count("Transpose")
+        int8 = onnx_predict(work / "int8.onnx", images)
+        assert (int8.argmax(1) == before.argmax(1)).mean() >= 0.97
+    assert transposes[True] == transposes[False] - 1, transposes
 
 
 def test_static_int8_pt2_output_loads_and_runs_compiled(tmp_path, cnn_data, digits):

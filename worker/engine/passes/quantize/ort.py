@@ -119,6 +119,63 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> int:
     return count
 
 
+def _known_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> dims (None where symbolic) from ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    graph = inferred.graph
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+
+
+def flatten_channels_last(proto: onnx.ModelProto) -> int:
+    """Flatten a conv feature map in channels-last order where it feeds a Gemm/MatMul with a constant weight:
+    a Transpose(0, 2, 3, 1) goes before the Flatten/Reshape and the weight's input columns are permuted to match,
+    so the float model computes the same thing. ONNX Runtime runs int8 convolutions in NHWC and converts back to
+    NCHW before a flatten; with the flatten already channels-last, its transpose optimizer cancels the two and the
+    int8 graph has no layout transpose there (the bench CNN at batch 32, one thread: 0.211 -> 0.200 ms, median of
+    30 interleaved blocks, twice; within noise with two threads). Returns the number rewritten."""
+    graph = proto.graph
+    shapes = _known_shapes(proto)
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    nodes, count = [], 0
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type not in ("Flatten", "Reshape") or not node.input or not node.output:
+            continue
+        src, dst = shapes.get(node.input[0]), shapes.get(node.output[0])
+        users = readers.get(node.output[0], [])
+        if not (src and dst and len(src) == 4 and all(src[1:]) and len(dst) == 2
+                and dst[1] == src[1] * src[2] * src[3] and src[2] * src[3] > 1 and len(users) == 1):
+            continue
+        layer = users[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+        weight = inits.get(layer.input[1]) if len(layer.input) > 1 and layer.input[0] == node.output[0] else None
+        if weight is None or layer.op_type not in ("Gemm", "MatMul") or attrs.get("transA", 0) \
+                or len(readers.get(weight.name, [])) != 1 or node.output[0] in {o.name for o in graph.output}:
+            continue
+        c, h, w = src[1:]
+        wt = numpy_helper.to_array(weight)
+        if layer.op_type == "Gemm" and attrs.get("transB", 0):  # (out, c*h*w)
+            wt = wt.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(wt.shape)
+        else:  # (c*h*w, out)
+            wt = wt.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(wt.shape)
+        weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(wt), weight.name))
+        channels_last = node.input[0] + "_channels_last"
+        nodes.insert(len(nodes) - 1, helper.make_node("Transpose", [node.input[0]], [channels_last],
+                                                      name=node.name + "_channels_last", perm=[0, 2, 3, 1]))
+        node.input[0] = channels_last
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
 def strip_debug_info(proto: onnx.ModelProto) -> None:
     """Drop per-node metadata (the exporter's stack traces and module scopes) and cached shapes: they are a
     sizeable share of a small model's file and nothing needs them to run."""
@@ -187,6 +244,10 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
 
     notes = []
     name_nodes(proto)
+    reordered = flatten_channels_last(proto)
+    if reordered:
+        notes.append(f"onnxruntime: {reordered} flatten(s) of a conv feature map made channels-last (the next layer's "
+                     "weight columns permuted to match) so the int8 graph needs no layout transpose there")
     src = workdir / "quantize-fp32.onnx"
     onnx.save(proto, str(src))
     pre = workdir / "quantize-pre.onnx"
