@@ -121,6 +121,39 @@ def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_t
     assert transposes[True] == transposes[False] - 1, transposes
 
 
+def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digits):
+    """AdaptiveAvgPool2d(1) exports as ReduceMean, which has no int8 kernel: the last block's residual Add, its
+    ReLU and the pooling used to run in float behind a DequantizeLinear. Rewritten as GlobalAveragePool (same
+    values) and quantized with ONNX Runtime's full op set, the graph stays int8 up to the float classifier."""
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    torch.manual_seed(0)
+    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
+    x_train, _, x_test, _ = digits
+    images = mz.as_resnet_input(x_test[:64])
+    fp32 = mz.export_onnx(net, images, tmp_path / "resnet.onnx")
+    proto = onnx.load(str(fp32))
+    assert "ReduceMean" in {n.op_type for n in proto.graph.node}
+    assert ort_quant.spatial_mean_to_global_pool(proto) == 1
+    assert "ReduceMean" not in {n.op_type for n in proto.graph.node}
+    onnx.save(proto, str(tmp_path / "resnet-pool.onnx"))
+    before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "resnet-pool.onnx"))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+
+    proto = onnx.load(str(fp32))
+    ort_quant.name_nodes(proto)
+    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+    quantized, notes = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])], calibration="minmax",
+                                                 per_channel=True, exclude=[head], workdir=tmp_path, keep_norm=True)
+    assert any("GlobalAveragePool" in n for n in notes), notes
+    onnx.save(quantized, str(tmp_path / "int8.onnx"))
+    ops = _ort_optimized_ops(tmp_path / "int8.onnx", tmp_path)
+    assert "QLinearGlobalAveragePool" in ops and ops.count("QLinearAdd") == 3, ops
+    assert not {"Add", "Relu", "ReduceMean", "GlobalAveragePool"} & set(ops), ops
+    int8 = onnx_predict(tmp_path / "int8.onnx", images)
+    assert (int8.argmax(1) == before.argmax(1)).mean() >= 0.9
+
+
 def test_static_int8_pt2_output_loads_and_runs_compiled(tmp_path, cnn_data, digits):
     job = make_job(tmp_path, cnn_data["package"], "package",
                    [{"type": "quantize", "method": "static_int8", "calibration": "percentile"}], outputs=["pt2"],

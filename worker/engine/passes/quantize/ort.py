@@ -176,6 +176,45 @@ def flatten_channels_last(proto: onnx.ModelProto) -> int:
     return count
 
 
+def spatial_mean_to_global_pool(proto: onnx.ModelProto) -> int:
+    """Rewrite ReduceMean over the two spatial axes of a 4-D tensor (what exporters write for
+    AdaptiveAvgPool2d(1) and x.mean((2, 3))) as GlobalAveragePool, plus a Flatten where the mean drops those
+    axes: the same values, but an op ONNX Runtime's static quantization has an int8 kernel for
+    (QLinearGlobalAveragePool, in NHWC), so the last block's residual Add, its ReLU and the pooling run in int8
+    instead of leaving the quantized graph there. Returns the number rewritten."""
+    graph = proto.graph
+    shapes = _known_shapes(proto)
+    inits = {i.name: i for i in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rank = len(shapes.get(node.input[0], [])) if node.op_type == "ReduceMean" and node.input else 0
+        if len(node.input) > 1 and node.input[1]:
+            axes_init = inits.get(node.input[1])
+            axes = numpy_helper.to_array(axes_init).tolist() if axes_init is not None else None
+        else:
+            axes = attrs.get("axes")
+        if rank != 4 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            nodes.append(node)
+            continue
+        if attrs.get("keepdims", 1):
+            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+        else:
+            pooled = node.output[0] + "_pooled"
+            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name))
+            nodes.append(helper.make_node("Flatten", [pooled], list(node.output), name=node.name + "_flatten",
+                                          axis=1))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in graph.node for i in n.input}
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return count
+
+
 def strip_debug_info(proto: onnx.ModelProto) -> None:
     """Drop per-node metadata (the exporter's stack traces and module scopes) and cached shapes: they are a
     sizeable share of a small model's file and nothing needs them to run."""
@@ -240,10 +279,13 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     """Static QDQ int8 of `proto` calibrated on `arrays`; returns the quantized model and notes."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     notes = []
     name_nodes(proto)
+    pooled = spatial_mean_to_global_pool(proto)
+    if pooled:
+        notes.append(f"onnxruntime: {pooled} spatial mean(s) rewritten as GlobalAveragePool, which has an int8 kernel")
     reordered = flatten_channels_last(proto)
     if reordered:
         notes.append(f"onnxruntime: {reordered} flatten(s) of a conv feature map made channels-last (the next layer's "
@@ -260,7 +302,10 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     except Exception as exc:  # noqa: BLE001  (optional step)
         notes.append(f"onnxruntime: pre-processing skipped ({type(exc).__name__})")
         source = src
-    op_types = sorted(op for op in QDQRegistry if not (keep_norm and op in NORM_OPS))
+    # ONNX Runtime's own default set: the QDQ ops and those with a QLinear kernel (Add, GlobalAveragePool,
+    # Concat, ...). With the QDQ ops alone, a residual Add whose output leaves the int8 region ran in float, and
+    # the graph dequantized before it (bench ResNet b32: 1.70 -> 1.62 ms int8 with both, medians of 40 blocks).
+    op_types = sorted(op for op in set(QDQRegistry) | set(QLinearOpsRegistry) if not (keep_norm and op in NORM_OPS))
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration]
     out = workdir / "quantize-int8.onnx"
