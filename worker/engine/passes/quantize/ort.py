@@ -84,6 +84,29 @@ def node_layer(node: onnx.NodeProto, init_name: str, layers: list[str]) -> str |
     return None
 
 
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make `nodes` the graph's nodes and drop the initializers nothing reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def gemm_to_matmul(proto: onnx.ModelProto) -> int:
     """Rewrite Gemm(A, W, b) with a constant W as MatMul + Add: ONNX Runtime's dynamic quantizer only knows
     MatMul, and the exporter writes 2-D Linear layers as Gemm. Returns the number rewritten."""
@@ -91,7 +114,7 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> int:
     inits = {i.name: i for i in graph.initializer}
     nodes, count = [], 0
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) \
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             nodes.append(node)
@@ -110,12 +133,7 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> int:
             nodes.append(helper.make_node("MatMul", [node.input[0], w_name], list(node.output), name=node.name))
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {i for n in graph.node for i in n.input}
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _replace_nodes(graph, nodes)
     return count
 
 
@@ -138,10 +156,7 @@ def flatten_channels_last(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     shapes = _known_shapes(proto)
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     nodes, count = [], 0
     for node in graph.node:
         nodes.append(node)
@@ -153,7 +168,7 @@ def flatten_channels_last(proto: onnx.ModelProto) -> int:
                 and dst[1] == src[1] * src[2] * src[3] and src[2] * src[3] > 1 and len(users) == 1):
             continue
         layer = users[0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+        attrs = _attrs(layer)
         weight = inits.get(layer.input[1]) if len(layer.input) > 1 and layer.input[0] == node.output[0] else None
         if weight is None or layer.op_type not in ("Gemm", "MatMul") or attrs.get("transA", 0) \
                 or len(readers.get(weight.name, [])) != 1 or node.output[0] in {o.name for o in graph.output}:
@@ -187,7 +202,7 @@ def spatial_mean_to_global_pool(proto: onnx.ModelProto) -> int:
     inits = {i.name: i for i in graph.initializer}
     nodes, count = [], 0
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         rank = len(shapes.get(node.input[0], [])) if node.op_type == "ReduceMean" and node.input else 0
         if len(node.input) > 1 and node.input[1]:
             axes_init = inits.get(node.input[1])
@@ -206,12 +221,7 @@ def spatial_mean_to_global_pool(proto: onnx.ModelProto) -> int:
                                           axis=1))
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {i for n in graph.node for i in n.input}
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _replace_nodes(graph, nodes)
     return count
 
 
@@ -370,10 +380,7 @@ def store_constants_int8(proto: onnx.ModelProto, exclude: list[str], keep_norm: 
     node that rebuilds the float table when the model runs. Constants read by an excluded (kept-float) node, or by
     a normalization op with `keep_norm`, stay as they are. Returns the names stored."""
     graph = proto.graph
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     graph_inputs = {i.name for i in graph.input}
     skip = set(exclude)
     stored, new_nodes, new_inits, keep = [], [], [], []
