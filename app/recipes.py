@@ -262,6 +262,10 @@ class EvaluateSpec(Strict):
     repeats: int = Field(20, ge=1, le=1000, description="Timed runs per batch size (median and p90 reported).")
     warmup: int = Field(3, ge=0, le=100)
     max_samples: int = Field(10_000, ge=1, description="Cap on eval samples used for accuracy/agreement.")
+    threads: int | None = Field(None, ge=1, le=1024, description=(
+        "Intra-op threads each runtime gets while the original and the result are measured, as the model will be "
+        "served (one per replica is common). Default: all the sandbox has (SQUEEZE_SANDBOX_THREADS); more than "
+        "that is capped, with a note. The steps (training, calibration) always use all of them."))
 
 
 class GuardSpec(Strict):

@@ -52,6 +52,11 @@ CASES: dict[str, tuple] = {
     "cnn_int8_onnx": ("cnn", {"steps": [INT8], "outputs": ["onnx"], "evaluate": {"runtimes": ["onnxruntime", "torch"]}}),
     "resnet_int8_onnx": ("resnet", {"steps": [INT8], "outputs": ["onnx"],
                                     "evaluate": {"runtimes": ["onnxruntime", "torch"]}}),
+    # The same two timed as served with one thread per replica (evaluate.threads: 1).
+    "cnn_int8_onnx_1thread": ("cnn", {"steps": [INT8], "outputs": ["onnx"],
+                                      "evaluate": {"runtimes": ["onnxruntime"], "threads": 1}}),
+    "resnet_int8_onnx_1thread": ("resnet", {"steps": [INT8], "outputs": ["onnx"],
+                                            "evaluate": {"runtimes": ["onnxruntime"], "threads": 1}}),
     "cnn_int8_pt2_compiled": ("cnn", {"steps": [INT8], "outputs": ["pt2"], "evaluate": {"runtimes": ["torch-compile"]}}),
     "resnet_int8_pt2_compiled": ("resnet", {"steps": [INT8], "outputs": ["pt2"],
                                             "evaluate": {"runtimes": ["torch-compile"]}}),

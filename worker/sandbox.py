@@ -132,6 +132,9 @@ class Job:
         work.mkdir(exist_ok=True)
         fmt = get_format(in_format)
         ev = recipe.evaluate
+        timing_threads = min(ev.threads or threads, threads)
+        if ev.threads and ev.threads > threads:
+            self.notes.append(f"evaluate.threads {ev.threads} capped to the sandbox's {threads}")
         device = resolve_device(recipe.device, spec.get("device") or "auto")
 
         with self.stage("load", f"loading the {in_format} model"):
@@ -172,14 +175,17 @@ class Job:
                 if "onnxruntime" in original_runtimes and "onnxruntime" not in fmt.runtimes else None
             original_rts = set(fmt.runtimes) | ({"onnxruntime"} if original_onnx is not None else set())
             paired = sorted(set(original_runtimes) & original_rts & set(wanted) & set(result_format.runtimes))
-            original, reference = self.measure(model, model_path, ev, original_runtimes, inputs, labels, threads,
-                                               "original", blame_code="bad_model", skip_latency=paired)
+            original, reference = self.measure(model, model_path, ev, original_runtimes, inputs, labels,
+                                               timing_threads, "original", blame_code="bad_model",
+                                               skip_latency=paired)
             if original_onnx is not None and "onnxruntime" not in paired:
                 with blame("bad_model", "the original's ONNX export failed to run"):
                     original["latency_ms"]["onnxruntime"] = metrics.latency(
-                        get_format("onnx").runner(original_onnx, "onnxruntime", threads), inputs, ev.batch_sizes,
-                        ev.warmup, ev.repeats, None, self.notes, "original (fp32 ONNX export) on onnxruntime")
+                        get_format("onnx").runner(original_onnx, "onnxruntime", timing_threads), inputs,
+                        ev.batch_sizes, ev.warmup, ev.repeats, None, self.notes,
+                        "original (fp32 ONNX export) on onnxruntime")
             layers_before = metrics.layer_sparsity(model)
+            torch.set_num_threads(threads)  # a torch runner set the timing threads; the steps get them all
 
         def on_progress(fraction: float, stage: str, message: str) -> None:
             self.channel.progress(stage, fraction, message)
@@ -233,16 +239,16 @@ class Job:
                     restore_into(loaded, load_compact(out_dir / art["path"]))
                 else:
                     loaded = afmt.load(out_dir / art["path"], work)
-                side, outs = self.measure(loaded, out_dir / art["path"], ev, runtimes, inputs, labels, threads,
-                                          f"result ({art['name']})", blame_code=None)
+                side, outs = self.measure(loaded, out_dir / art["path"], ev, runtimes, inputs, labels,
+                                          timing_threads, f"result ({art['name']})", blame_code=None)
                 if compressed is None and paired:
                     # Original and result timed alternately, so a load change during the job hits both alike.
                     original_again = fmt.load(model_path, work)
                     for rt in paired:
-                        run_original = fmt.runner(original_again, rt, threads) if rt in fmt.runtimes else \
-                            get_format("onnx").runner(original_onnx, rt, threads)
+                        run_original = fmt.runner(original_again, rt, timing_threads) if rt in fmt.runtimes \
+                            else get_format("onnx").runner(original_onnx, rt, timing_threads)
                         original["latency_ms"][rt], side["latency_ms"][rt] = metrics.latency_pair(
-                            run_original, afmt.runner(loaded, rt, threads), inputs,
+                            run_original, afmt.runner(loaded, rt, timing_threads), inputs,
                             ev.batch_sizes, ev.warmup, ev.repeats, fmt.fixed_batch(original_again))
                 if compressed is None:
                     compressed, result_outputs, first_model = side, outs, loaded
@@ -282,7 +288,7 @@ class Job:
         guard = check_guard(recipe.guard, result_metrics)
         recipe_json = recipe.model_dump(mode="json")
         recipe_hash = hashlib.sha256(json.dumps(recipe_json, sort_keys=True).encode()).hexdigest()
-        environment = _environment(threads)
+        environment = _environment(threads, timing_threads)
         # The job object carries what explains a difference between reruns, not only report.json.
         result_metrics["run"] = {"recipe_hash": recipe_hash, "model_sha256": spec["model"].get("sha256"),
                                  "device": device, "environment": environment, "timings": self.timings,
@@ -393,8 +399,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(threads: int) -> dict[str, Any]:
-    """What a rerun needs to explain a difference: hardware, threads and the version of every library used."""
+def _environment(threads: int, timing_threads: int) -> dict[str, Any]:
+    """What a rerun needs to explain a difference: hardware, threads (the sandbox's, and those each runtime got
+    while timed) and the version of every library used."""
     from importlib import metadata
 
     import torch
@@ -408,7 +415,7 @@ def _environment(threads: int) -> dict[str, Any]:
             versions[dist] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model(),
-            "cores": os.cpu_count(), "gpu": gpu, "threads": threads, "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "gpu": gpu, "threads": threads, "timing_threads": timing_threads,
             "libraries": versions,
             # kept at the top level for earlier readers of the report
             "torch": torch.__version__, "onnx": versions["onnx"], "onnxruntime": versions["onnxruntime"],

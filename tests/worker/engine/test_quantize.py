@@ -317,3 +317,22 @@ def test_pt2e_handles_a_relu_module_shared_by_two_calls():
     assert "fc.weight" in ep.state_dict and ep.state_dict["fc.weight"].dtype == torch.float32
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(ep.module()(x), net(x)).min() > 0.99
+
+
+@pytest.mark.parametrize("asked,timed", [(1, 1), (16, 2)])
+def test_evaluate_threads_sets_the_timing_threads_and_is_capped_by_the_sandbox(tmp_path, zoo, asked, timed):
+    job = make_job(tmp_path, zoo["onnx"], "onnx", [{"type": "quantize", "method": "dynamic_int8"}],
+                   datasets={"eval": zoo["eval"]}, evaluate={"threads": asked})
+    result, report = run_ok(job)
+    environment = report["environment"]
+    assert result["metrics"]["run"]["environment"] == environment
+    assert (environment["threads"], environment["timing_threads"]) == (2, timed)
+    assert any("capped" in n for n in report["notes"]) == (asked > 2), report["notes"]
+    assert "onnxruntime" in result["metrics"]["compressed"]["latency_ms"]
+
+
+def test_evaluate_threads_below_one_is_refused():
+    from app.recipes import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match=r"evaluate\.threads: Input should be greater than or equal to 1"):
+        parse_recipe({"steps": [{"type": "prune", "sparsity": 0.5}], "evaluate": {"threads": 0}})
