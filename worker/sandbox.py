@@ -199,7 +199,8 @@ class Job:
         with self.stage("steps", "applying the recipe"):
             step_reports = run_steps(model, recipe, datasets=datasets, threads=threads, workdir=work,
                                      progress=on_progress, on_step_done=on_step, on_event=on_event,
-                                     teachers=teachers, device=device)
+                                     teachers=teachers, device=device,
+                                     timing=(timing_threads, max(ev.batch_sizes)))
 
         with self.stage("write", "writing artifacts"):
             artifacts = []
@@ -215,6 +216,9 @@ class Job:
                     self.notes += export_output(fmt, model, target, out_dir / name, examples, work)
                 artifacts.append({"name": name, "format": target, "path": name})
                 self.channel.progress("write", (i + 1) / len(outputs), f"wrote {name}")
+            from worker.engine.passes.quantize import amend_step_report
+
+            amend_step_report(model, step_reports, outputs)
 
         with self.stage("evaluate_result", "measuring the result re-loaded from disk"):
             # A safetensors artifact runs as the input model with its weights: measured as the result only when

@@ -19,7 +19,8 @@ def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset
               workdir: Path = Path("."), progress: Progress | None = None,
               on_step_done: Callable[[StepReport], None] | None = None,
               on_event: Callable[[str, dict], None] | None = None,
-              teachers: dict[str, tuple[Path, str]] | None = None, device: str = "cpu") -> list[StepReport]:
+              teachers: dict[str, tuple[Path, str]] | None = None, device: str = "cpu",
+              timing: tuple[int, int] = (1, 32)) -> list[StepReport]:
     """Apply every step in place; return one report per step (with `index`, `stage` and `seconds` added)."""
     reports: list[StepReport] = []
     teachers = {"original": (model.path, model.format), **(teachers or {})}  # "original": the file as uploaded
@@ -37,7 +38,7 @@ def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset
 
         step_progress(0.0, f"starting {spec.type}")
         ctx = StepContext(index=i, datasets=datasets or {}, threads=threads, workdir=workdir, progress=step_progress,
-                          event=step_event, teachers=teachers, device=device)
+                          event=step_event, teachers=teachers, device=device, timing=timing)
         started = time.perf_counter()
         report = pass_for(spec).apply(model, spec, ctx)
         report = {"index": i, "stage": stage, **report, "seconds": round(time.perf_counter() - started, 4)}

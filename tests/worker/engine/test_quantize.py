@@ -109,7 +109,7 @@ def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_t
         work.mkdir()
         skip = mock.patch.object(ort_quant, "flatten_channels_last", return_value=0)
         with contextlib.nullcontext() if reorder else skip:
-            quantized, notes = ort_quant.quantize_static(onnx.load(str(fp32)), [calibration], calibration="minmax",
+            quantized, notes, _ = ort_quant.quantize_static(onnx.load(str(fp32)), [calibration], calibration="minmax",
                                                          per_channel=True, exclude=[], workdir=work, keep_norm=True)
         assert any("channels-last" in n for n in notes) == reorder, notes
         onnx.save(quantized, str(work / "int8.onnx"))
@@ -143,7 +143,7 @@ def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digit
     proto = onnx.load(str(fp32))
     ort_quant.name_nodes(proto)
     head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
-    quantized, notes = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])], calibration="minmax",
+    quantized, notes, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])], calibration="minmax",
                                                  per_channel=True, exclude=[head], workdir=tmp_path, keep_norm=True)
     assert any("GlobalAveragePool" in n for n in notes), notes
     onnx.save(quantized, str(tmp_path / "int8.onnx"))
@@ -336,3 +336,97 @@ def test_evaluate_threads_below_one_is_refused():
 
     with pytest.raises(RecipeError, match=r"evaluate\.threads: Input should be greater than or equal to 1"):
         parse_recipe({"steps": [{"type": "prune", "sparsity": 0.5}], "evaluate": {"threads": 0}})
+
+
+def test_pad_input_channels_keeps_the_float_model_and_speeds_up_the_int8_stem(tmp_path, digits):
+    """A 1-channel stem zero-padded to 4 input channels computes the same; quantized, ONNX Runtime runs it as
+    an int8 conv on 4 channels."""
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    torch.manual_seed(0)
+    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
+    _, _, x_test, _ = digits
+    images = mz.as_resnet_input(x_test[:64])
+    fp32 = mz.export_onnx(net, images, tmp_path / "resnet.onnx")
+    proto = onnx.load(str(fp32))
+    ort_quant.name_nodes(proto)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    stem, inner = convs[0].name, convs[1].name
+    # Only named convs that read a graph input with < 4 channels are padded.
+    assert ort_quant.pad_input_channels(proto, [inner]) == []
+    pads = ort_quant.pad_input_channels(proto, [stem, inner])
+    assert pads == [stem + "_pad_channels"]
+    weights = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    stem_node = next(n for n in proto.graph.node if n.name == stem)
+    assert weights[stem_node.input[1]][1] == ort_quant.PADDED_CHANNELS
+    assert next(n for n in proto.graph.node if n.name == pads[0]).op_type == "Pad"
+    onnx.save(proto, str(tmp_path / "padded.onnx"))
+    before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "padded.onnx"))
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # zero weights on zero inputs: exact
+
+
+def test_prefer_quantized_first_layer_rule():
+    from worker.engine.passes.quantize.ort import prefer_quantized
+
+    assert prefer_quantized(2.70, 2.50, 1.0, 1.0)          # 8% faster, same agreement
+    assert not prefer_quantized(2.70, 2.65, 1.0, 1.0)      # 2%: within timing noise, keep the default
+    assert not prefer_quantized(0.15, 0.16, 1.0, 1.0)      # slower
+    assert not prefer_quantized(2.70, 2.00, 0.99, 0.98)    # faster but a point less agreement
+    assert prefer_quantized(2.70, 2.00, 0.99, 0.986)       # within half a point
+
+
+def test_static_int8_onnx_tries_the_first_layer_quantized_and_reports_what_it_kept(tmp_path, digits):
+    """static_int8 on an ONNX model, first layer kept float by default: the step times the graph with the stem in
+    int8 too and keeps the faster; whichever it kept, the report's layer table and the file agree."""
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = digits
+    net = mz.train_resnet(epochs=1)
+    model = mz.export_onnx(net, mz.as_resnet_input(x_test), tmp_path / "resnet.onnx")
+    cal = mz.write_npz(tmp_path / "cal.npz", mz.as_resnet_input(x_train[:256]))
+    eval_ds = mz.write_npz(tmp_path / "eval.npz", mz.as_resnet_input(x_test), y_test)
+    job = make_job(tmp_path, model, "onnx", [{"type": "quantize", "method": "static_int8"}],
+                   datasets={"calibration": cal, "eval": eval_ds})
+    result, report = run_ok(job)
+    step = report["steps"][0]
+    lines = [n for n in step["notes"] if n.startswith("first layer(s) ['stem.0.weight']: ")]
+    assert len(lines) == 1, step["notes"]
+    quantized_first = ": quantized (input channels zero-padded to 4): " in lines[0]
+    assert quantized_first or ": kept float: " in lines[0]
+    bits = {layer["name"]: layer["bits"] for layer in result["metrics"]["layers"]}
+    assert bits["stem.0.weight"] == (8 if quantized_first else 32) and bits["fc.weight"] == 32
+    assert any(k["name"] == "stem.0.weight" for k in step["kept_float"]) != quantized_first
+    proto = onnx.load(str(job / "out" / "model.onnx"))
+    int8 = {i.name: tuple(i.dims) for i in proto.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2}
+    stem = [dims for name, dims in int8.items() if name.startswith("stem.0.weight")]
+    assert stem == ([(24, 4, 3, 3)] if quantized_first else []), int8
+    assert result["metrics"]["compressed"]["agreement"] >= 0.98
+
+
+def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
+    from app.recipes import QuantizeSpec
+    from worker.engine.formats.base import LoadedModel
+    from worker.engine.passes.quantize import PLAN, QuantPlan, amend_step_report
+
+    spec = QuantizeSpec(type="quantize", method="static_int8")
+    plan = QuantPlan(spec=spec, source=None, layers=["a", "b"], quantized=["b"], kept={"a": "first layer"},
+                     first_by_default=["a"])
+    plan.facts["onnx_first_quantized"] = ["a"]
+    model = LoadedModel("package", Path("m.zip"), None, extra={PLAN: plan})
+
+    def step() -> dict:
+        return {"type": "quantize", "quantized_layers": 1, "kept_float": [{"name": "a", "reason": "first layer"}],
+                "layers": [{"name": "a", "bits": 32, "quantized": False, "kept_float": "first layer"},
+                           {"name": "b", "bits": 8, "quantized": True}]}
+
+    reports = [{"type": "prune"}, step()]
+    amend_step_report(model, reports, ["onnx"])
+    assert reports[1]["layers"][0] == {"name": "a", "bits": 8, "quantized": True}
+    assert reports[1]["kept_float"] == [] and reports[1]["quantized_layers"] == 2
+    both = [step()]
+    amend_step_report(model, both, ["onnx", "pt2"])
+    assert both[0]["layers"][0]["bits"] == 8 and "pt2 output only" in both[0]["layers"][0]["kept_float"]
+    plan.facts["onnx_first_quantized"] = []
+    untouched = [step()]
+    amend_step_report(model, untouched, ["onnx"])
+    assert untouched == [step()]

@@ -28,6 +28,9 @@ class StepContext:
     # Distillation teachers: "original" and other model ids -> (file, format), loaded by the pass that needs one.
     teachers: dict[str, tuple[Path, str]] = field(default_factory=dict)
     device: str = "cpu"  # where training runs: "cpu" or "cuda" (resolved by the sandbox)
+    # (threads, batch) at which the job times its result: a pass choosing between equivalent graphs by speed
+    # times them the same way.
+    timing: tuple[int, int] = (1, 32)
 
 
 class Pass:

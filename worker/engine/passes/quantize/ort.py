@@ -8,9 +8,11 @@ MatMul/Gather/LSTM/Attention: convolutions stay float, because ORT's ConvInteger
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization",
             "SimplifiedLayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"}
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
 _CALIBRATION_BATCH = 32
+PADDED_CHANNELS = 4  # see pad_input_channels
 
 
 @contextlib.contextmanager
@@ -228,6 +231,53 @@ def spatial_mean_to_global_pool(proto: onnx.ModelProto, shapes: dict[str, list[i
     return count
 
 
+def pad_input_channels(proto: onnx.ModelProto, nodes: list[str],
+                       shapes: dict[str, list[int | None]] | None = None) -> list[str]:
+    """Zero-pad to PADDED_CHANNELS the input channels of the named 2-D convs that read a graph input with fewer
+    (grayscale, RGB): a Pad on the input and zero weight columns, so the float model computes the same thing.
+    ONNX Runtime's int8 conv is slow on one channel (the bench ResNet's stem, 32x32, b32, two threads, ORT
+    profile: 591 us per call on 1 channel, 180 us padded to 4). Returns the Pad nodes added (to leave float:
+    the padded input is quantized once, after them)."""
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:  # pads as an input
+        return []
+    shapes = known_shapes(proto) if shapes is None else shapes
+    inits = {i.name: i for i in graph.initializer}
+    graph_inputs = {i.name for i in graph.input} - set(inits)
+    readers = _readers(graph)
+    wanted = set(nodes)
+    out, pads = [], []
+    for node in graph.node:
+        dims = shapes.get(node.input[0]) if node.input else None
+        if (node.op_type != "Conv" or node.name not in wanted or node.input[0] not in graph_inputs or not dims
+                or len(dims) != 4 or not dims[1] or dims[1] >= PADDED_CHANNELS or _attrs(node).get("group", 1) != 1
+                or len(node.input) < 2 or node.input[1] not in inits):
+            out.append(node)
+            continue
+        weight = inits[node.input[1]]
+        w = numpy_helper.to_array(weight)
+        padded = np.zeros((w.shape[0], PADDED_CHANNELS, *w.shape[2:]), dtype=w.dtype)
+        padded[:, : w.shape[1]] = w
+        if len(readers.get(weight.name, [])) == 1:  # in place: the weight keeps its (layer) name
+            weight.CopyFrom(numpy_helper.from_array(padded, weight.name))
+        else:
+            node.input[1] = weight.name + "_padded_channels"
+            graph.initializer.append(numpy_helper.from_array(padded, node.input[1]))
+        amounts = node.name + "_channel_pads"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([0, 0, 0, 0, 0, PADDED_CHANNELS - dims[1], 0, 0], dtype=np.int64), amounts))
+        padded_input = f"{node.input[0]}_padded_for_{node.name}"
+        pad = helper.make_node("Pad", [node.input[0], amounts], [padded_input], name=node.name + "_pad_channels")
+        node.input[0] = padded_input
+        out += [pad, node]
+        pads.append(pad.name)
+    if pads:
+        _replace_nodes(graph, out)
+        del graph.value_info[:]  # cached shapes may name the old weight's: shape inference rejects the mismatch
+    return pads
+
+
 def strip_debug_info(proto: onnx.ModelProto) -> None:
     """Drop per-node metadata (the exporter's stack traces and module scopes) and cached shapes: they are a
     sizeable share of a small model's file and nothing needs them to run."""
@@ -275,6 +325,16 @@ def exclusions(proto: onnx.ModelProto, float_layers: set[str], all_layers: list[
     return exclude, quantized, unmatched
 
 
+def layer_nodes(proto: onnx.ModelProto, wanted: list[str], all_layers: list[str]) -> dict[str, str]:
+    """Node name -> layer, for the weight nodes that compute one of the `wanted` layers."""
+    found = {}
+    for node, init in weight_nodes(proto):
+        layer = node_layer(node, init, all_layers)
+        if layer in wanted:
+            found[node.name] = layer
+    return found
+
+
 def name_nodes(proto: onnx.ModelProto) -> None:
     """ONNX Runtime excludes nodes by name: give unnamed nodes one."""
     taken = {n.name for n in proto.graph.node if n.name}
@@ -287,13 +347,22 @@ def name_nodes(proto: onnx.ModelProto) -> None:
             taken.add(name)
 
 
-def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
-                    exclude: list[str], workdir: Path, keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
-    """Static QDQ int8 of `proto` calibrated on `arrays`; returns the quantized model and notes."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static as ort_quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+class StaticInt8(NamedTuple):
+    model: onnx.ModelProto
+    notes: list[str]
+    first_quantized: list[str]  # of the `first_layers` nodes, those quantized after all (by measurement)
 
+
+def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
+                    exclude: list[str], workdir: Path, keep_norm: bool, first_layers: dict[str, str] | None = None,
+                    timing: tuple[int, int] | None = None) -> StaticInt8:
+    """Static QDQ int8 of `proto` calibrated on `arrays`.
+
+    `first_layers`: node -> layer, for nodes of `exclude` left float only by the default for the layers that read
+    the model input.
+    With `timing` (threads, batch: how the job times its result), the graph is also quantized with those convs
+    in int8 too (input channels padded, pad_input_channels), both versions are timed on ONNX Runtime, and the
+    faster one is kept unless it agrees less with the float model (_faster_of)."""
     notes = []
     name_nodes(proto)
     shapes = known_shapes(proto)
@@ -304,9 +373,34 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     if reordered:
         notes.append(f"onnxruntime: {reordered} flatten(s) of a conv feature map made channels-last (the next layer's "
                      "weight columns permuted to match) so the int8 graph needs no layout transpose there")
-    src = workdir / "quantize-fp32.onnx"
+    options = {"calibration": calibration, "per_channel": per_channel, "workdir": workdir, "keep_norm": keep_norm}
+    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"}
+    trial = [n for n in (first_layers or {}) if n in exclude and n in convs]
+    result, more = _qdq(proto, arrays, exclude, "int8", **options)
+    notes += more
+    if not trial or timing is None:
+        return StaticInt8(result, notes, [])
+    padded_model = copy.deepcopy(proto)
+    pads = pad_input_channels(padded_model, trial, shapes)
+    alt, _ = _qdq(padded_model, arrays, [e for e in exclude if e not in trial] + pads, "int8-first", **options)
+    use_alt, line = _faster_of(proto, result, alt, arrays, timing)
+    padded = f" (input channels zero-padded to {PADDED_CHANNELS})" if pads else ""
+    names = [first_layers[n] for n in trial]
+    notes.append(f"first layer(s) {names}: {'quantized' + padded if use_alt else 'kept float'}: {line}")
+    return StaticInt8(alt, notes, trial) if use_alt else StaticInt8(result, notes, [])
+
+
+def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], tag: str, *, calibration: str,
+         per_channel: bool, workdir: Path, keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """ONNX Runtime's pre-processing and static QDQ quantization of `proto` (files named after `tag`)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    notes = []
+    src = workdir / f"quantize-{tag}-fp32.onnx"
     onnx.save(proto, str(src))
-    pre = workdir / "quantize-pre.onnx"
+    pre = workdir / f"quantize-{tag}-pre.onnx"
     try:  # shape inference + graph optimisation, as ONNX Runtime recommends before quantizing
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -324,7 +418,7 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     op_types = sorted(op for op in set(QDQRegistry) | set(QLinearOpsRegistry) if not (keep_norm and op in NORM_OPS))
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration]
-    out = workdir / "quantize-int8.onnx"
+    out = workdir / f"quantize-{tag}.onnx"
     names = _inputs(onnx.load(str(source), load_external_data=False))
     try:
         with _tempdir(workdir):
@@ -338,6 +432,47 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     result = onnx.load(str(out))
     strip_debug_info(result)
     return result, notes
+
+
+# Quantizing the first layer is kept only when it measured this much faster (timing noise on a busy worker is a
+# few percent) and agreed with the float model on the calibration samples to within this many points.
+FIRST_LAYER_MIN_SPEEDUP = 1.03
+FIRST_LAYER_MAX_AGREEMENT_LOSS = 0.005
+
+
+def _faster_of(reference: onnx.ModelProto, kept: onnx.ModelProto, quantized: onnx.ModelProto,
+               arrays: list[np.ndarray], timing: tuple[int, int]) -> tuple[bool, str]:
+    """Whether `quantized` (first layer int8) beats `kept` (first layer float): timed alternately on ONNX Runtime
+    at the job's threads and batch, with its agreement (else cosine similarity) with the float `reference` on the
+    calibration samples no more than FIRST_LAYER_MAX_AGREEMENT_LOSS worse. Returns it and the figures."""
+    from worker.engine import metrics
+    from worker.engine.formats.base import LoadedModel, get_format
+
+    # The quantizer's calibration sessions may still hold their (spinning) threads until collected.
+    gc.collect()
+    fmt = get_format("onnx")
+    threads, batch = timing
+    models = [LoadedModel("onnx", Path("."), m) for m in (reference, kept, quantized)]
+    fixed = fmt.fixed_batch(models[0])
+    batch = fixed or batch
+    runs = [fmt.runner(m, "onnxruntime", threads) for m in models]
+    outputs = [metrics.predict(run, arrays, fixed) for run in runs]
+    fid_kept, fid_quant = (metrics.fidelity(outputs[0], out) for out in outputs[1:])
+    lat_kept, lat_quant = metrics.latency_pair(runs[1], runs[2], arrays, [batch], warmup=2, repeats=11,
+                                               fixed_batch=fixed)
+    ms_kept, ms_quant = lat_kept[str(batch)]["median"], lat_quant[str(batch)]["median"]
+    key = "agreement" if fid_kept["agreement"] is not None else "cosine"
+    line = (f"int8 {ms_quant} ms against {ms_kept} ms with it float (b{batch}, {threads} "
+            f"thread{'s' if threads > 1 else ''}, medians of 11 alternating runs); {key} with the float model on "
+            f"{arrays[0].shape[0]} calibration samples {fid_quant[key]} against {fid_kept[key]}")
+    return prefer_quantized(ms_kept, ms_quant, fid_kept[key], fid_quant[key]), line
+
+
+def prefer_quantized(ms_kept: float, ms_quant: float, fidelity_kept: float, fidelity_quant: float) -> bool:
+    """The rule of _faster_of: faster by FIRST_LAYER_MIN_SPEEDUP, and agreeing with the float model no more than
+    FIRST_LAYER_MAX_AGREEMENT_LOSS less."""
+    return (ms_quant * FIRST_LAYER_MIN_SPEEDUP <= ms_kept
+            and fidelity_quant >= fidelity_kept - FIRST_LAYER_MAX_AGREEMENT_LOSS)
 
 
 def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list[str], workdir: Path,
