@@ -177,6 +177,7 @@ QuantMethod = Literal["static_int8", "dynamic_int8", "weight_int8", "weight_int4
 KeepFloat = Literal["first", "last", "norm"]
 # Layers kept in float unless `keep_float` says otherwise: the first layer (raw inputs, few input channels: slow
 # and lossy in int8) and the last (the logits) for static int8; the logits for the other int8/int4 methods.
+# For static int8 written as ONNX the first layer's default is checked by measurement (quantize/ort.py).
 # `binary` keeps nothing by default: its point is storage, and a float first layer would dominate a small model.
 DEFAULT_KEEP_FLOAT: dict[str, tuple[str, ...]] = {
     "static_int8": ("first", "last", "norm"), "dynamic_int8": ("last", "norm"), "weight_int8": ("last", "norm"),
@@ -205,8 +206,10 @@ class QuantizeSpec(StepSpec):
                           "scale in groups of this many along the input dimension.")
     keep_float: list[KeepFloat] | None = Field(
         None, description="Layer kinds left in float: first (takes the model input), last (produces the output), "
-                          "norm (normalization ops). Default: first+last+norm for static_int8, last+norm for the "
-                          "other int8/int4 methods, norm for binary. `targets`/`ignore` select among the rest.")
+                          "norm (normalization ops). Default: first+last+norm for static_int8 (with ONNX output "
+                          "the first layer is also timed in int8 and quantized where that is faster; the step's "
+                          "notes say which), last+norm for the other int8/int4 methods, norm for binary. Given "
+                          "explicitly, it is followed as is. `targets`/`ignore` select among the rest.")
 
     @model_validator(mode="after")
     def _group_size_fits(self) -> "QuantizeSpec":

@@ -17,7 +17,9 @@ Two kinds of method, because int8 speed lives in different places:
 
 The job's outputs reach the pass as `model.extra["outputs"]` (set by the sandbox). Layers kept float: the
 `keep_float` kinds (first: takes the model input; last: produces the output; norm: normalization ops), and
-whatever `targets`/`ignore` leave out; the report lists each with its reason.
+whatever `targets`/`ignore` leave out; the report lists each with its reason. A first layer kept float only by
+static_int8's default is timed in int8 too when the output is ONNX, and quantized there where that is faster
+(ort.quantize_static; `amend_step_report` brings the step report in line once the output is written).
 """
 
 from __future__ import annotations
