@@ -430,3 +430,23 @@ def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
     untouched = [step()]
     amend_step_report(model, untouched, ["onnx"])
     assert untouched == [step()]
+
+
+def test_first_layer_trial_is_skipped_for_a_model_over_the_memory_bound(tmp_path, cnn, digits, monkeypatch):
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    x_train, _, x_test, _ = digits
+    fp32 = mz.export_onnx(cnn, mz.as_images(x_test), tmp_path / "cnn.onnx")
+    proto = onnx.load(str(fp32))
+    ort_quant.name_nodes(proto)
+    first = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+    monkeypatch.setattr(ort_quant, "FIRST_LAYER_TRIAL_MAX_BYTES", 1024)
+    model, notes, first_quantized = ort_quant.quantize_static(
+        proto, [mz.as_images(x_train[:64])], calibration="minmax", per_channel=True, exclude=[first],
+        workdir=tmp_path, keep_norm=True, first_layers={first: "0.weight"}, timing=(1, 32))
+    assert first_quantized == []
+    assert any(n.startswith("first layer(s) ['0.weight']: kept float, not timed in int8") for n in notes), notes
+    assert not (tmp_path / "quantize-int8-first.onnx").exists()
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert any(w in {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+               for w in conv_weights)  # the first conv reads its float weight directly

@@ -360,9 +360,9 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
 
     `first_layers`: node -> layer, for nodes of `exclude` left float only by the default for the layers that read
     the model input.
-    With `timing` (threads, batch: how the job times its result), the graph is also quantized with those convs
-    in int8 too (input channels padded, pad_input_channels), both versions are timed on ONNX Runtime, and the
-    faster one is kept unless it agrees less with the float model (_faster_of)."""
+    With `timing` (threads, batch: how the job times its result), the graph is also quantized with those layers
+    in int8 too (a conv's few input channels padded, pad_input_channels), both versions are timed on ONNX
+    Runtime, and the faster one is kept unless it agrees less with the float model (_faster_of)."""
     notes = []
     name_nodes(proto)
     shapes = known_shapes(proto)
@@ -374,11 +374,17 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
         notes.append(f"onnxruntime: {reordered} flatten(s) of a conv feature map made channels-last (the next layer's "
                      "weight columns permuted to match) so the int8 graph needs no layout transpose there")
     options = {"calibration": calibration, "per_channel": per_channel, "workdir": workdir, "keep_norm": keep_norm}
-    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"}
-    trial = [n for n in (first_layers or {}) if n in exclude and n in convs]
+    trial = [n for n in (first_layers or {}) if n in exclude]
     result, more = _qdq(proto, arrays, exclude, "int8", **options)
     notes += more
     if not trial or timing is None:
+        return StaticInt8(result, notes, [])
+    weight_bytes = sum(int(np.prod(i.dims)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+                       for i in proto.graph.initializer)
+    if weight_bytes > FIRST_LAYER_TRIAL_MAX_BYTES:
+        notes.append(f"first layer(s) {[first_layers[n] for n in trial]}: kept float, not timed in int8: the trial "
+                     f"holds the model three more times in memory and this one has {weight_bytes >> 20} MiB of "
+                     "weights")
         return StaticInt8(result, notes, [])
     padded_model = copy.deepcopy(proto)
     pads = pad_input_channels(padded_model, trial, shapes)
@@ -438,6 +444,9 @@ def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], t
 # few percent) and agreed with the float model on the calibration samples to within this many points.
 FIRST_LAYER_MIN_SPEEDUP = 1.03
 FIRST_LAYER_MAX_AGREEMENT_LOSS = 0.005
+# Above this much weight the trial is skipped: it holds a copy of the float graph, a second int8 graph and three
+# ONNX Runtime sessions at once, which a large model's sandbox memory limit (2 GiB + 6x the model) may not cover.
+FIRST_LAYER_TRIAL_MAX_BYTES = 256 << 20
 
 
 def _faster_of(reference: onnx.ModelProto, kept: onnx.ModelProto, quantized: onnx.ModelProto,
