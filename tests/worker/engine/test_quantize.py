@@ -121,17 +121,23 @@ def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_t
     assert transposes[True] == transposes[False] - 1, transposes
 
 
-def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digits):
+@pytest.fixture
+def untrained_resnet_onnx(tmp_path, digits) -> tuple[Path, np.ndarray]:
+    """The tests' small ResNet, untrained (seed 0), as fp32 ONNX, and 64 inputs for it."""
+    torch.manual_seed(0)
+    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
+    images = mz.as_resnet_input(digits[2][:64])
+    return mz.export_onnx(net, images, tmp_path / "resnet.onnx"), images
+
+
+def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digits, untrained_resnet_onnx):
     """AdaptiveAvgPool2d(1) exports as ReduceMean, which has no int8 kernel: the last block's residual Add, its
     ReLU and the pooling used to run in float behind a DequantizeLinear. Rewritten as GlobalAveragePool (same
     values) and quantized with ONNX Runtime's full op set, the graph stays int8 up to the float classifier."""
     from worker.engine.passes.quantize import ort as ort_quant
 
-    torch.manual_seed(0)
-    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
-    x_train, _, x_test, _ = digits
-    images = mz.as_resnet_input(x_test[:64])
-    fp32 = mz.export_onnx(net, images, tmp_path / "resnet.onnx")
+    x_train, _, _, _ = digits
+    fp32, images = untrained_resnet_onnx
     proto = onnx.load(str(fp32))
     assert "ReduceMean" in {n.op_type for n in proto.graph.node}
     assert ort_quant.spatial_mean_to_global_pool(proto) == 1
@@ -338,16 +344,13 @@ def test_evaluate_threads_below_one_is_refused():
         parse_recipe({"steps": [{"type": "prune", "sparsity": 0.5}], "evaluate": {"threads": 0}})
 
 
-def test_pad_input_channels_keeps_the_float_model_and_speeds_up_the_int8_stem(tmp_path, digits):
-    """A 1-channel stem zero-padded to 4 input channels computes the same; quantized, ONNX Runtime runs it as
-    an int8 conv on 4 channels."""
+def test_pad_input_channels_keeps_the_float_model_and_the_stem_runs_as_an_int8_conv(tmp_path, digits,
+                                                                                      untrained_resnet_onnx):
+    """A 1-channel stem zero-padded to 4 input channels computes the same; quantized with it, every conv of the
+    graph ONNX Runtime runs is an int8 QLinearConv."""
     from worker.engine.passes.quantize import ort as ort_quant
 
-    torch.manual_seed(0)
-    net = mz.build_from_source(mz.RESNET_SOURCE).eval()
-    _, _, x_test, _ = digits
-    images = mz.as_resnet_input(x_test[:64])
-    fp32 = mz.export_onnx(net, images, tmp_path / "resnet.onnx")
+    fp32, images = untrained_resnet_onnx
     proto = onnx.load(str(fp32))
     ort_quant.name_nodes(proto)
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
@@ -363,6 +366,14 @@ def test_pad_input_channels_keeps_the_float_model_and_speeds_up_the_int8_stem(tm
     onnx.save(proto, str(tmp_path / "padded.onnx"))
     before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "padded.onnx"))
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # zero weights on zero inputs: exact
+
+    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+    quantized, _, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(digits[0][:128])], calibration="minmax",
+                                                per_channel=True, exclude=[head, *pads], workdir=tmp_path,
+                                                keep_norm=True)
+    onnx.save(quantized, str(tmp_path / "int8.onnx"))
+    ops = _ort_optimized_ops(tmp_path / "int8.onnx", tmp_path)
+    assert ops.count("QLinearConv") == len(convs) and "Conv" not in ops, ops
 
 
 def test_prefer_quantized_first_layer_rule():
