@@ -461,3 +461,31 @@ def test_first_layer_trial_is_skipped_for_a_model_over_the_memory_bound(tmp_path
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     assert any(w in {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
                for w in conv_weights)  # the first conv reads its float weight directly
+
+
+def test_a_first_layer_variant_that_fails_leaves_the_default_result(tmp_path, cnn, digits, monkeypatch):
+    """The trial is an optimisation: a variant ONNX Runtime cannot quantize (here: a graph made invalid on
+    purpose) is noted and the default int8 graph is returned, not an error."""
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    x_train, _, x_test, _ = digits
+    fp32 = mz.export_onnx(cnn, mz.as_images(x_test), tmp_path / "cnn.onnx")
+    proto = onnx.load(str(fp32))
+    ort_quant.name_nodes(proto)
+    first = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+
+    def broken_padding(model, nodes, shapes=None):
+        next(n for n in model.graph.node if n.name == first).input[0] = "no_such_tensor"
+        return []
+
+    monkeypatch.setattr(ort_quant, "pad_input_channels", broken_padding)
+    model, notes, first_quantized = ort_quant.quantize_static(
+        proto, [mz.as_images(x_train[:64])], calibration="minmax", per_channel=True, exclude=[first],
+        workdir=tmp_path, keep_norm=True, first_layers={first: "0.weight"}, timing=(1, 32))
+    assert first_quantized == []
+    assert any(n.startswith("first layer(s) ['0.weight']: kept float; the int8 variant could not be measured")
+               for n in notes), notes
+    assert ort_quant.int8_weights(model)
+    onnx.save(model, str(tmp_path / "int8.onnx"))
+    out = onnx_predict(tmp_path / "int8.onnx", mz.as_images(x_test[:32]))
+    assert out.shape == (32, 10)

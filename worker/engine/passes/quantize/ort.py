@@ -386,12 +386,17 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
                      f"holds the model three more times in memory and this one has {weight_bytes >> 20} MiB of "
                      "weights")
         return StaticInt8(result, notes, [])
-    padded_model = copy.deepcopy(proto)
-    pads = pad_input_channels(padded_model, trial, shapes)
-    alt, _ = _qdq(padded_model, arrays, [e for e in exclude if e not in trial] + pads, "int8-first", **options)
-    use_alt, line = _faster_of(proto, result, alt, arrays, timing)
-    padded = f" (input channels zero-padded to {PADDED_CHANNELS})" if pads else ""
     names = [first_layers[n] for n in trial]
+    try:  # an optimisation: whatever goes wrong in it, the default result stands
+        padded_model = copy.deepcopy(proto)
+        pads = pad_input_channels(padded_model, trial, shapes)
+        alt, _ = _qdq(padded_model, arrays, [e for e in exclude if e not in trial] + pads, "int8-first", **options)
+        use_alt, line = _faster_of(proto, result, alt, arrays, timing)
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"first layer(s) {names}: kept float; the int8 variant could not be measured "
+                     f"({type(exc).__name__}: {str(exc)[:300]})")
+        return StaticInt8(result, notes, [])
+    padded = f" (input channels zero-padded to {PADDED_CHANNELS})" if pads else ""
     notes.append(f"first layer(s) {names}: {'quantized' + padded if use_alt else 'kept float'}: {line}")
     return StaticInt8(alt, notes, trial) if use_alt else StaticInt8(result, notes, [])
 
