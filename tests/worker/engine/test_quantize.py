@@ -109,8 +109,9 @@ def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_t
         work.mkdir()
         skip = mock.patch.object(ort_quant, "flatten_channels_last", return_value=0)
         with contextlib.nullcontext() if reorder else skip:
-            quantized, notes, _ = ort_quant.quantize_static(onnx.load(str(fp32)), [calibration], calibration="minmax",
-                                                         per_channel=True, exclude=[], workdir=work, keep_norm=True)
+            quantized, notes, _ = ort_quant.quantize_static(onnx.load(str(fp32)), [calibration],
+                                                            calibration="minmax", per_channel=True, exclude=[],
+                                                            workdir=work, keep_norm=True)
         assert any("channels-last" in n for n in notes) == reorder, notes
         onnx.save(quantized, str(work / "int8.onnx"))
         ops = _ort_optimized_ops(work / "int8.onnx", work)
@@ -149,8 +150,9 @@ def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digit
     proto = onnx.load(str(fp32))
     ort_quant.name_nodes(proto)
     head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
-    quantized, notes, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])], calibration="minmax",
-                                                 per_channel=True, exclude=[head], workdir=tmp_path, keep_norm=True)
+    quantized, notes, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])],
+                                                    calibration="minmax", per_channel=True, exclude=[head],
+                                                    workdir=tmp_path, keep_norm=True)
     assert any("GlobalAveragePool" in n for n in notes), notes
     onnx.save(quantized, str(tmp_path / "int8.onnx"))
     ops = _ort_optimized_ops(tmp_path / "int8.onnx", tmp_path)
@@ -422,7 +424,7 @@ def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
     spec = QuantizeSpec(type="quantize", method="static_int8")
     plan = QuantPlan(spec=spec, source=None, layers=["a", "b"], quantized=["b"], kept={"a": "first layer"},
                      first_by_default=["a"])
-    plan.facts["onnx_first_quantized"] = ["a"]
+    plan.onnx_first_quantized = ["a"]
     model = LoadedModel("package", Path("m.zip"), None, extra={PLAN: plan})
 
     def step() -> dict:
@@ -437,7 +439,7 @@ def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
     both = [step()]
     amend_step_report(model, both, ["onnx", "pt2"])
     assert both[0]["layers"][0]["bits"] == 8 and "pt2 output only" in both[0]["layers"][0]["kept_float"]
-    plan.facts["onnx_first_quantized"] = []
+    plan.onnx_first_quantized = []
     untouched = [step()]
     amend_step_report(model, untouched, ["onnx"])
     assert untouched == [step()]

@@ -55,9 +55,9 @@ class QuantPlan:
     quantized: list[str]
     kept: dict[str, str]  # layer -> why it stays float
     calibration: list[np.ndarray] | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
     first_by_default: list[str] = field(default_factory=list)  # kept float only by the default: ONNX may quantize
     timing: tuple[int, int] = (1, 32)  # the job's (threads, batch), for that choice
+    onnx_first_quantized: list[str] = field(default_factory=list)  # of first_by_default, int8 in the ONNX output
 
 
 def _sparsity(t: torch.Tensor) -> float:
@@ -187,18 +187,19 @@ class Quantize(Pass):
             sample = dataset_arrays(model, data) if data is not None else None
         first, last = boundary_layers(model, eligible, sample)
         kinds = spec.kept_kinds
+        outputs = list(model.extra.get("outputs") or [model.format])
         # static_int8's default for the first layer is a guess (few input channels: slow in int8); ONNX output
         # measures it (ort.quantize_static) and quantizes the layer where that is faster.
-        writes_onnx = model.format == "onnx" or "onnx" in (model.extra.get("outputs") or [])
-        may_quantize_first = spec.keep_float is None and spec.method == "static_int8" and writes_onnx
+        may_quantize_first = spec.keep_float is None and spec.method == "static_int8" and \
+            (model.format == "onnx" or "onnx" in outputs)
         first_by_default = []
         for r in selected:
-            if "first" in kinds and r.name in first:
+            if "first" in kinds and r.name in first and may_quantize_first:
+                kept[r.name] = ("first layer (takes the model input): kept float by default, except in ONNX output "
+                                "where int8 measured faster (see the notes)")
+                first_by_default.append(r.name)
+            elif "first" in kinds and r.name in first:
                 kept[r.name] = "first layer (takes the model input): kept float by keep_float"
-                if may_quantize_first:
-                    kept[r.name] = ("first layer (takes the model input): kept float by default, except in ONNX "
-                                    "output where int8 measured faster (see the notes)")
-                    first_by_default.append(r.name)
             elif "last" in kinds and r.name in last:
                 kept[r.name] = "last layer (produces the output): kept float by keep_float"
         targets = [r for r in selected if r.name not in kept]
@@ -209,7 +210,6 @@ class Quantize(Pass):
         if "norm" in kinds:
             notes.append("normalization layers stay float (keep_float: norm)")
         ctx.progress(0.1, f"{spec.method}: {len(targets)} layer(s)")
-        outputs = list(model.extra.get("outputs") or [model.format])
         method = spec.method
         before = {r.name: r.read().clone() for r in eligible}
         extra: dict[str, Any] = {}
@@ -285,9 +285,9 @@ class Quantize(Pass):
                 proto, calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
                 workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes,
                 timing=ctx.timing)
-            for node in first_quantized:
-                kept.pop(first_nodes[node], None)
-                quantized.append(first_nodes[node])
+            for layer in first_quantized:
+                kept.pop(layer, None)
+                quantized.append(layer)
         else:
             result, more = ort.quantize_dynamic(proto, per_channel=spec.per_channel, exclude=exclude,
                                                 workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds)
@@ -344,7 +344,7 @@ def amend_step_report(model: LoadedModel, step_reports: list[dict], written: lis
     """Once the outputs are written: first layers that the ONNX output quantized after all (measured faster, see
     ort.quantize_static) are int8 in the quantize step's report too, which was made before they were written."""
     plan: QuantPlan | None = model.extra.get(PLAN)
-    layers = set(plan.facts.get("onnx_first_quantized", [])) if plan is not None else set()
+    layers = set(plan.onnx_first_quantized) if plan is not None else set()
     report = next((r for r in step_reports if r.get("type") == "quantize"), None)
     if not layers or report is None:
         return
@@ -378,7 +378,7 @@ def _export_onnx(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pa
         result, more, first_quantized = ort.quantize_static(
             proto, plan.calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
             workdir=workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes, timing=plan.timing)
-        plan.facts["onnx_first_quantized"] = sorted({first_nodes[n] for n in first_quantized})
+        plan.onnx_first_quantized = first_quantized
         notes += more + ["onnx: static int8 by ONNX Runtime (QDQ, uint8 activations, int8 "
                          f"{'per-channel' if spec.per_channel else 'per-tensor'} weights)"]
     else:
@@ -388,7 +388,6 @@ def _export_onnx(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pa
     int8 = ort.int8_weights(result)
     if not int8:
         raise EngineError("no_effect", f"{spec.method}: the ONNX output has no int8 weight")
-    plan.facts["onnx_int8_weights"] = len(int8)
     onnx.save(result, str(path))
     return notes
 
@@ -432,7 +431,6 @@ def _export_pt2(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pat
     if not facts["int8_weights"]:
         raise EngineError("no_effect", "static_int8: PT2E quantized no weight")
     torch.export.save(ep, str(path))
-    plan.facts["pt2_int8_weights"] = len(facts["int8_weights"])
     return [f"pt2: static int8 by PT2E (X86 inductor quantizer, {plan.spec.calibration} calibration): "
             f"{len(facts['int8_weights'])} int8 weight(s), {len(facts['removed_fp32'])} unused fp32 tensor(s) removed; "
             "the int8 kernels run under torch.compile (the torch-compile runtime); eagerly it is slower than fp32"]

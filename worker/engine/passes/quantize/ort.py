@@ -350,7 +350,7 @@ def name_nodes(proto: onnx.ModelProto) -> None:
 class StaticInt8(NamedTuple):
     model: onnx.ModelProto
     notes: list[str]
-    first_quantized: list[str]  # of the `first_layers` nodes, those quantized after all (by measurement)
+    first_quantized: list[str]  # of the `first_layers` layers, those quantized after all (by measurement)
 
 
 def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
@@ -379,14 +379,14 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     notes += more
     if not trial or timing is None:
         return StaticInt8(result, notes, [])
+    names = sorted({first_layers[n] for n in trial})
     weight_bytes = sum(int(np.prod(i.dims)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
                        for i in proto.graph.initializer)
     if weight_bytes > FIRST_LAYER_TRIAL_MAX_BYTES:
-        notes.append(f"first layer(s) {[first_layers[n] for n in trial]}: kept float, not timed in int8: the trial "
+        notes.append(f"first layer(s) {names}: kept float, not timed in int8: the trial "
                      f"holds the model three more times in memory and this one has {weight_bytes >> 20} MiB of "
                      "weights")
         return StaticInt8(result, notes, [])
-    names = [first_layers[n] for n in trial]
     try:  # an optimisation: whatever goes wrong in it, the default result stands
         padded_model = copy.deepcopy(proto)
         pads = pad_input_channels(padded_model, trial, shapes)
@@ -398,7 +398,7 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
         return StaticInt8(result, notes, [])
     padded = f" (input channels zero-padded to {PADDED_CHANNELS})" if pads else ""
     notes.append(f"first layer(s) {names}: {'quantized' + padded if use_alt else 'kept float'}: {line}")
-    return StaticInt8(alt, notes, trial) if use_alt else StaticInt8(result, notes, [])
+    return StaticInt8(alt, notes, names) if use_alt else StaticInt8(result, notes, [])
 
 
 def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], tag: str, *, calibration: str,
