@@ -101,7 +101,12 @@ def test_webhooks_metrics_and_logs_end_to_end(backend_name, stack_factory, digit
     assert [d.headers["squeeze-attempt"] for d in flaky] == ["1", "2", "3"]
     assert flaky[1].at - flaky[0].at >= 0.45  # backoff: base 0.5 s, then 1 s
 
+    # The receiver has the body before the sender has recorded the answer: wait for no row to be pending.
+    deadline = time.monotonic() + 15
     deliveries = client.get(f"/v1/jobs/{job_id}/webhook-deliveries").json()["data"]
+    while any(d["status"] == "pending" for d in deliveries) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        deliveries = client.get(f"/v1/jobs/{job_id}/webhook-deliveries").json()["data"]
     team_rows = [(d["attempt"], d["status"], d["status_code"]) for d in deliveries if d["webhook_id"]]
     assert team_rows == [(1, "failed", 500), (2, "failed", 500), (3, "delivered", 200)]
     own = [d for d in deliveries if d["webhook_id"] is None]
