@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from celery import Celery
 
+from app import broker_files
 from app.config import Settings, get_settings
 from app.models import DEFAULT_PRIORITY
 
@@ -26,6 +27,7 @@ def celery_config(settings: Settings) -> dict:
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport"] = broker_files.TRANSPORT  # kombu's, without its half-written-message crash
         conf["broker_transport_options"] = {
             # FACTS.md: in and out must be the same folder for the filesystem transport.
             "data_folder_in": str(folder / "queue"),

@@ -160,6 +160,27 @@ def test_worker_killed_mid_job_then_restarted(backend_name, stack_factory, digit
     assert events.count("requeued") == 1 and events.count("started") == 2 and events.count("succeeded") == 1
 
 
+def test_a_torn_message_file_neither_kills_the_embedded_worker_nor_loses_the_job(stack_factory, digits_files):
+    # kombu's filesystem transport raised out of the worker's consumer loop on an empty or torn message file
+    # (one it could take before it was written), and the worker exited: every later job stayed queued.
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    client = stack.client(new_team_key(stack.admin, "torn"))
+    model = upload(client, "models", digits_files["onnx"])
+    r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {
+        "steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}], "evaluate": {"repeats": 3}}})
+    assert r.status_code == 202, r.text
+    queue_dir = stack.data_dir / "broker" / "queue"
+    [message] = [p for p in queue_dir.iterdir() if p.name.endswith(".cpu.msg")]
+    message.write_bytes(message.read_bytes()[:40])  # the job's only message, torn
+    (queue_dir / "0_empty.cpu.msg").write_bytes(b"")
+    worker = stack.start_worker(concurrency=1)
+    job = wait_for(client, r.json()["id"], timeout=120)  # the reaper re-sends it after SQUEEZE_REQUEUE_AFTER_S
+    assert job["status"] == "succeeded", (job["error"], stack.log_dir)
+    assert job["attempts"] == 1 and worker.poll() is None
+    assert (stack.log_dir / "worker0.log").read_text().count("skipped an undecodable message file") == 2
+
+
 def test_lost_worker_never_leaves_a_job_running(stack_factory, digits_files):
     stack = stack_factory("sqlite", **FAST_REAPER, SQUEEZE_MAX_ATTEMPTS="1")
     stack.start_api()
