@@ -71,9 +71,17 @@ def new_team_key(client, team: str) -> str:
     return r.json()["key"]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item, for fixtures that add diagnostics to a failure."""
+    report = (yield).get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def stack_factory(tmp_path):
-    """Builds Stacks on a backend; stops them and drops their databases at the end."""
+def stack_factory(tmp_path, request):
+    """Builds Stacks on a backend; stops them and drops their databases at the end. When the test failed, prints
+    each stack's process states and log tails (in the test's captured teardown output)."""
     made: list[Stack] = []
 
     def make(backend_name: str, **settings: str) -> Stack:
@@ -84,5 +92,8 @@ def stack_factory(tmp_path):
         return stack
 
     yield make
+    call = getattr(request.node, "report_call", None)
     for stack in made:
+        if call is not None and call.failed:
+            print(stack.diagnostics())
         stack.stop()

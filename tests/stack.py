@@ -251,6 +251,19 @@ class Stack:
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
+    def diagnostics(self, lines: int = 15) -> str:
+        """Each process's state and the tail of its log: printed when a test on this stack fails, so a worker that
+        died (its exit code) is told apart from one that is alive but stuck."""
+        parts = []
+        for name, proc in [("api", self.api_proc), *((f"worker{n}", w) for n, w in enumerate(self.workers))]:
+            if proc is None:
+                continue
+            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
+            log = self.log_dir / f"{name}.log"
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            parts.append(f"--- {name} (pid {proc.pid}) {state}; {log}:\n" + "\n".join(t[:400] for t in tail))
+        return "\n".join(parts)
+
     def stop(self) -> None:
         """Stops the API and workers, then drops the stack's databases."""
         for p in [*self.workers, self.api_proc]:
