@@ -560,6 +560,15 @@ def jobs_cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="I
     console.print(f"{job.id} {job.status}", highlight=False)
 
 
+@jobs_cli.command("delete")
+@http_command
+def jobs_delete(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Delete a finished job with its events and artifacts (cancel a queued or running one first)."""
+    with _client(ctx) as client:
+        client.delete_job(job_id)
+    console.print(f"deleted {job_id}", highlight=False)
+
+
 @jobs_cli.command("logs")
 @http_command
 def jobs_logs(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID"),

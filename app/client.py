@@ -298,6 +298,10 @@ class Client:
     def cancel_job(self, job_id: str) -> JobOut:
         return JobOut(**self._json("POST", f"/v1/jobs/{job_id}/cancel"))
 
+    def delete_job(self, job_id: str) -> None:
+        """A finished job and its artifacts (409 `job_active` while it is queued or running: cancel it first)."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
     def rerun_job(self, job_id: str, idempotency_key: str | None = None) -> JobOut:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobOut(**self._json("POST", f"/v1/jobs/{job_id}/rerun", headers=headers))

@@ -135,7 +135,7 @@ class Artifact(Base):
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(20))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # before freeing a blob: does an artifact hold it?
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -519,3 +519,9 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     if errors:
         raise RecipeError(errors)
     return outputs
+
+
+def teacher_model_ids(recipe: dict[str, Any]) -> list[str]:
+    """The uploaded models a (validated) recipe's distill steps learn from ("original" is the job's own model)."""
+    return [step["teacher"] for step in recipe.get("steps", [])
+            if step.get("type") == "distill" and step.get("teacher") not in (None, "original")]

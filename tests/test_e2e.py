@@ -181,6 +181,54 @@ def test_a_torn_message_file_neither_kills_the_embedded_worker_nor_loses_the_job
     assert (stack.log_dir / "worker0.log").read_text().count("skipped an undecodable message file") == 2
 
 
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_deleting_a_finished_job_frees_the_storage_nothing_else_uses(backend_name, stack_factory, digits_files,
+                                                                     tmp_path):
+    from tests.test_e2e_cli import cli_env, squeeze
+
+    stack = stack_factory(backend_name, **FAST_REAPER)
+    stack.start_api()
+    client = stack.client(new_team_key(stack.admin, "keeper"))
+    other = stack.client(new_team_key(stack.admin, "other"))
+    model = upload(client, "models", digits_files["onnx"])
+    eval_ds = upload(client, "datasets", digits_files["eval"])
+    r = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": eval_ds["id"]}, "recipe": {
+        "steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}], "evaluate": {"repeats": 3}}})
+    job_id = r.json()["id"]
+    refused = client.delete(f"/v1/jobs/{job_id}")  # no worker yet: still queued
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_active"
+    stack.start_worker(concurrency=1)
+    job = wait_for(client, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    blob = lambda sha: stack.data_dir / "blobs" / sha[:2] / sha  # noqa: E731
+    onnx_art = next(a for a in job["artifacts"] if a["format"] == "onnx")
+    assert all(blob(a["sha256"]).exists() for a in job["artifacts"])
+
+    # An artifact uploaded again as a model is the same blob: deleting that model must not take the artifact.
+    (tmp_path / "pruned.onnx").write_bytes(client.get(onnx_art["url"]).content)
+    again = upload(client, "models", tmp_path / "pruned.onnx")
+    assert again["sha256"] == onnx_art["sha256"]
+    assert client.delete(f"/v1/models/{again['id']}").status_code == 204
+    assert client.get(onnx_art["url"]).status_code == 200 and blob(onnx_art["sha256"]).exists()
+    # A deleted model stays stored while a job made from it exists.
+    assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+    assert blob(model["sha256"]).exists()
+
+    assert other.delete(f"/v1/jobs/{job_id}").status_code == 404  # another team's job
+    assert client.delete("/v1/jobs/job_00000000000000000000dead").status_code == 404
+    env = cli_env(tmp_path, SQUEEZE_URL=stack.url, SQUEEZE_API_KEY=client.headers["Authorization"].split()[1])
+    deleted = squeeze(env, "jobs", "delete", job_id, timeout=60)
+    assert deleted.returncode == 0 and f"deleted {job_id}" in deleted.stdout, deleted.stderr
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events", onnx_art["url"]):
+        assert client.get(path).status_code == 404, path
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs").json()["data"]]
+    assert not any(blob(a["sha256"]).exists() for a in job["artifacts"])
+    assert not blob(model["sha256"]).exists()  # the job was the deleted model's last holder
+    assert blob(eval_ds["sha256"]).exists()  # still listed: kept
+    again = squeeze(env, "jobs", "delete", job_id, timeout=60)
+    assert again.returncode != 0 and "not found" in again.stderr.lower()
+
+
 def test_lost_worker_never_leaves_a_job_running(stack_factory, digits_files):
     stack = stack_factory("sqlite", **FAST_REAPER, SQUEEZE_MAX_ATTEMPTS="1")
     stack.start_api()

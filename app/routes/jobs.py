@@ -53,6 +53,12 @@ def cancel(job_id: str, db: Session = Depends(get_db), principal: Principal = De
     return job_out(jobs.cancel_job(db, principal, job_id))
 
 
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409))
+def delete(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> None:
+    """A finished job, its events and artifacts; frees the storage nothing else uses. 409 while it is active."""
+    jobs.delete_job(db, make_store(), principal, job_id)
+
+
 @router.post("/{job_id}/rerun", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422))
 def rerun(job_id: str, response: Response, db: Session = Depends(get_db), principal: Principal = Depends(authenticate),
           idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:

@@ -11,7 +11,8 @@ from app.auth import Principal
 from app.config import Settings
 from app.db import new_id, utcnow
 from app.errors import APIError, not_found
-from app.models import TERMINAL_STATUSES, Dataset, Job, Model
+from app.models import Dataset, Model
+from app.services import blobs
 from app.storage import BlobStore
 from app.uploads import Received
 
@@ -74,18 +75,8 @@ def list_owned(db: Session, principal: Principal, row_type: FileRow, limit: int,
 
 
 def delete_owned(db: Session, store: BlobStore, principal: Principal, row_type: FileRow, ident: str) -> None:
-    """Hides the row; frees the blob when no live row and no job still needs it."""
+    """Hides the row; frees the blob unless something still refers to it (`blobs.in_use`)."""
     row = get_owned(db, principal, row_type, ident)
     row.deleted_at = utcnow()
     db.commit()
-    shared = any(db.scalar(select(t.id).where(t.sha256 == row.sha256, t.deleted_at.is_(None)).limit(1))
-                 for t in (Model, Dataset))
-    if row_type is Model:
-        needed = db.scalar(select(Job.id).where(Job.model_id == row.id).limit(1)) is not None
-    else:
-        active = db.scalars(select(Job.datasets).where(Job.team_id == principal.team_id,
-                                                       Job.status.not_in(TERMINAL_STATUSES)))
-        needed = any(row.id in (ds or {}).values() for ds in active)
-    if not shared and not needed:
-        store.delete(row.sha256)
-
+    blobs.release(db, store, [row.sha256])

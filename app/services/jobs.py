@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -18,9 +18,11 @@ from app.db import new_id, utcnow
 from app.errors import APIError, not_found
 from app.lifecycle import add_event
 from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
-from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe
+from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe, teacher_model_ids
 from app.schemas import JobCreate, JobDatasets, JobWebhook
+from app.services import blobs
 from app.services.webhooks import check_job_webhook
+from app.storage import BlobStore
 
 log = logging.getLogger("squeeze.jobs")
 TRAINING_STEP_TYPES = {spec.model_fields["type"].default for spec in TRAINING_STEPS}
@@ -167,6 +169,22 @@ def cancel_job(db: Session, principal: Principal, job_id: str) -> Job:
     if job.status in TERMINAL_STATUSES and not done and job.status != "canceled":
         raise APIError(409, "not_cancelable", f"job is already {job.status}", {"status": job.status})
     return job
+
+
+def delete_job(db: Session, store: BlobStore, principal: Principal, job_id: str) -> None:
+    """A finished job goes with its events, artifacts and webhook deliveries (pending ones are dropped); then the
+    blobs nothing else refers to are freed: its artifacts, and the deleted uploads it was the last to hold."""
+    job = get_job(db, principal, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise APIError(409, "job_active", f"job is {job.status}: cancel it first, then delete it",
+                       {"status": job.status})
+    held = [a.sha256 for a in job.artifacts]
+    held += db.scalars(select(Model.sha256).where(Model.id.in_([job.model_id, *teacher_model_ids(job.recipe)])))
+    held += db.scalars(select(Dataset.sha256).where(Dataset.id.in_(list((job.datasets or {}).values()))))
+    # the status condition: a job is never deleted from under a claim (terminal jobs are never claimed again)
+    db.execute(delete(Job).where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES)))
+    db.commit()
+    blobs.release(db, store, held)
 
 
 def list_events(db: Session, principal: Principal, job_id: str, after: int = 0) -> list[JobEvent]:

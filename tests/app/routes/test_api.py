@@ -166,6 +166,7 @@ def test_other_team_sees_404(api):
                          ("delete", f"/v1/models/{model['id']}"), ("get", f"/v1/datasets/{ds['id']}"),
                          ("get", f"/v1/datasets/{ds['id']}/file"), ("delete", f"/v1/datasets/{ds['id']}"),
                          ("get", f"/v1/jobs/{job['id']}"), ("post", f"/v1/jobs/{job['id']}/cancel"),
+                         ("delete", f"/v1/jobs/{job['id']}"),
                          ("get", f"/v1/jobs/{job['id']}/events"), ("get", f"/v1/jobs/{job['id']}/artifacts/x")]:
         r = api.request(method.upper(), path, headers=other)
         assert r.status_code == 404, (path, r.status_code)
@@ -181,6 +182,26 @@ def test_delete_model(api):
     assert api.delete(f"/v1/models/{model['id']}").status_code == 204
     assert api.get(f"/v1/models/{model['id']}").status_code == 404
     assert api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).status_code == 404
+
+
+def test_a_deleted_dataset_stays_stored_until_its_last_job_is_deleted(api):
+    from app.storage import make_store
+
+    store = make_store()
+    model = upload_model(api, tiny_onnx()).json()
+    ds = api.post("/v1/datasets", params={"name": "d.npz"},
+                  content=npz_bytes(x=np.zeros((2, 4), np.float32))).json()
+    job = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50",
+                                     "datasets": {"calibration": ds["id"]}}).json()
+    assert api.delete(f"/v1/datasets/{ds['id']}").status_code == 204
+    assert store.exists(ds["sha256"])  # the queued job still reads it
+    refused = api.delete(f"/v1/jobs/{job['id']}")
+    assert refused.status_code == 409 and refused.json()["error"]["details"] == {"status": "queued"}
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert api.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert not store.exists(ds["sha256"])
+    assert store.exists(model["sha256"])  # still listed
 
 
 def test_recipes_help_and_health(api):

@@ -1,0 +1,45 @@
+"""When a stored blob may go. The store is content-addressed: one blob can back uploads of several teams, the
+artifacts of several jobs (an artifact downloaded and uploaded again as a model is the same blob), and a model or
+dataset whose row was deleted while jobs still used it. A blob is freed only when nothing refers to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, Model
+from app.recipes import teacher_model_ids
+from app.storage import BlobStore
+
+
+def in_use(db: Session, sha256: str) -> bool:
+    for table in (Model, Dataset):  # an upload that is still listed
+        if db.scalar(select(table.id).where(table.sha256 == sha256, table.deleted_at.is_(None)).limit(1)):
+            return True
+    if db.scalar(select(Artifact.id).where(Artifact.sha256 == sha256).limit(1)):
+        return True
+    model_ids = set(db.scalars(select(Model.id).where(Model.sha256 == sha256)))
+    # A deleted model stays with every job made from it (its report and rerun name it) until those jobs are deleted.
+    if model_ids and db.scalar(select(Job.id).where(Job.model_id.in_(model_ids)).limit(1)):
+        return True
+    # A deleted dataset or teacher is still read by a job that has not finished.
+    needed_by_active = model_ids | set(db.scalars(select(Dataset.id).where(Dataset.sha256 == sha256)))
+    if needed_by_active:
+        for datasets, recipe in db.execute(select(Job.datasets, Job.recipe).where(
+                Job.status.not_in(TERMINAL_STATUSES))):
+            if needed_by_active & {*(datasets or {}).values(), *teacher_model_ids(recipe)}:
+                return True
+    return False
+
+
+def release(db: Session, store: BlobStore, digests: Iterable[str]) -> list[str]:
+    """Deletes each blob nothing refers to any more (call after committing the change that let it go); returns
+    the digests freed."""
+    freed = []
+    for sha256 in dict.fromkeys(digests):
+        if not in_use(db, sha256):
+            store.delete(sha256)
+            freed.append(sha256)
+    return freed
