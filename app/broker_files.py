@@ -7,8 +7,10 @@ sits queued until someone restarts it (kombu issue #1551; one CI run of the suit
 
 - `_put` writes the message under a name `_get` does not match (a leading dot, a `.part` suffix) and renames it
   into place, so a consumer sees whole messages or nothing.
-- `_get` skips a file that does not decode (written by another kombu, torn by a crash or a full disk) with a
-  warning instead of raising: the job row is the truth, and the reaper re-sends a queued job nobody claimed.
+- `_get` takes a message by renaming it into the broker's processed folder (one consumer wins; kombu's move to
+  the system temp dir is a copy when /tmp is another filesystem), and skips a file that does not decode
+  (written by another kombu, torn by a crash or a full disk) with a warning instead of raising: the job row is
+  the truth, and the reaper re-sends a queued job nobody claimed.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from queue import Empty
 from time import monotonic
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger("squeeze.broker")
 
@@ -47,14 +50,29 @@ class AtomicFilesystemChannel(filesystem.Channel):
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
 
     def _get(self, queue):
-        # kombu's `_get` has moved and removed the undecodable file before raising, so each retry is on the next one
-        # and the loop ends with a message or kombu's Empty.
-        while True:
+        suffix = f"{queue}.msg"  # kombu's match: the part of the name after its first dot
+        for name in sorted(os.listdir(self.data_folder_in)):  # oldest first
+            if name.partition(".")[2] != suffix:
+                continue
+            # A rename within the broker folder: exactly one consumer takes a message (kombu moves it to the
+            # system temp dir, a copy when /tmp is another filesystem, which two workers can both make).
+            taken = os.path.join(self.processed_folder, name)
             try:
-                return super()._get(queue)
+                os.replace(os.path.join(self.data_folder_in, name), taken)
+            except FileNotFoundError:  # another consumer took it first
+                continue
+            try:
+                with open(taken, "rb") as f:
+                    payload = f.read()
+            finally:
+                if not self.store_processed:
+                    os.remove(taken)
+            try:
+                return loads(bytes_to_str(payload))
             except ValueError as exc:
-                log.warning("skipped an undecodable message file in queue %s (the reaper re-sends its job): %s",
-                            queue, exc)
+                log.warning("skipped an undecodable message file %s in queue %s (the reaper re-sends its job): %s",
+                            name, queue, exc)
+        raise Empty()
 
 
 class AtomicFilesystemTransport(filesystem.Transport):
