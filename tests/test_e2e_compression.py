@@ -43,9 +43,10 @@ def test_nm_cluster_channel_finetune_through_http(stack_factory, cnn_files, tmp_
         "2:4": client.post("/v1/jobs", json={"model_id": pt2["id"], "datasets": datasets, "recipe": {
             "steps": [{"type": "prune", "pattern": "2:4", "ignore": ["0.weight"]}], "outputs": ["pt2", "safetensors"],
             "evaluate": evaluate}}).json()["id"],
+        # The default 20 timed runs: this job's no_speedup is a verdict on timings taken beside two other jobs on
+        # two cores, and with 5 runs the noise once passed for a 5% gain (p90 under the original's median).
         "palette": client.post("/v1/jobs", json={"model_id": package["id"], "datasets": datasets, "recipe": {
-            "steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"],
-            "evaluate": evaluate}}).json()["id"],
+            "steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]}}).json()["id"],
         "slim": client.post("/v1/jobs", json={"model_id": package["id"], "datasets": datasets, "recipe": {
             "steps": [{"type": "prune", "method": "channel", "sparsity": 0.5, "round_to": 4},
                       {"type": "finetune", "epochs": 1}], "evaluate": evaluate}}).json()["id"],
