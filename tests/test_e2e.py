@@ -200,7 +200,10 @@ def test_deleting_a_finished_job_frees_the_storage_nothing_else_uses(backend_nam
     stack.start_worker(concurrency=1)
     job = wait_for(client, job_id)
     assert job["status"] == "succeeded", job["error"]
-    blob = lambda sha: stack.data_dir / "blobs" / sha[:2] / sha  # noqa: E731
+
+    def blob(sha: str) -> Path:
+        return stack.data_dir / "blobs" / sha[:2] / sha
+
     onnx_art = next(a for a in job["artifacts"] if a["format"] == "onnx")
     assert all(blob(a["sha256"]).exists() for a in job["artifacts"])
 

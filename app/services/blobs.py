@@ -34,12 +34,8 @@ def in_use(db: Session, sha256: str) -> bool:
     return False
 
 
-def release(db: Session, store: BlobStore, digests: Iterable[str]) -> list[str]:
-    """Deletes each blob nothing refers to any more (call after committing the change that let it go); returns
-    the digests freed."""
-    freed = []
+def release(db: Session, store: BlobStore, digests: Iterable[str]) -> None:
+    """Deletes each blob nothing refers to any more (call after committing the change that let it go)."""
     for sha256 in dict.fromkeys(digests):
         if not in_use(db, sha256):
             store.delete(sha256)
-            freed.append(sha256)
-    return freed

@@ -445,18 +445,25 @@ def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
     assert untouched == [step()]
 
 
-def test_first_layer_trial_is_skipped_for_a_model_over_the_memory_bound(tmp_path, cnn, digits, monkeypatch):
+def _quantize_cnn_with_first_layer_trial(cnn, digits, workdir: Path):
+    """The trained CNN as fp32 ONNX, static int8 with its stem conv left float by the default (so tried in int8
+    too, timed at one thread and batch 32) -> quantize_static's StaticInt8."""
     from worker.engine.passes.quantize import ort as ort_quant
 
     x_train, _, x_test, _ = digits
-    fp32 = mz.export_onnx(cnn, mz.as_images(x_test), tmp_path / "cnn.onnx")
-    proto = onnx.load(str(fp32))
+    proto = onnx.load(str(mz.export_onnx(cnn, mz.as_images(x_test), workdir / "cnn.onnx")))
     ort_quant.name_nodes(proto)
     first = next(n.name for n in proto.graph.node if n.op_type == "Conv")
-    monkeypatch.setattr(ort_quant, "FIRST_LAYER_TRIAL_MAX_BYTES", 1024)
-    model, notes, first_quantized = ort_quant.quantize_static(
+    return ort_quant.quantize_static(
         proto, [mz.as_images(x_train[:64])], calibration="minmax", per_channel=True, exclude=[first],
-        workdir=tmp_path, keep_norm=True, first_layers={first: "0.weight"}, timing=(1, 32))
+        workdir=workdir, keep_norm=True, first_layers={first: "0.weight"}, timing=(1, 32))
+
+
+def test_first_layer_trial_is_skipped_for_a_model_over_the_memory_bound(tmp_path, cnn, digits, monkeypatch):
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    monkeypatch.setattr(ort_quant, "FIRST_LAYER_TRIAL_MAX_BYTES", 1024)
+    model, notes, first_quantized = _quantize_cnn_with_first_layer_trial(cnn, digits, tmp_path)
     assert first_quantized == []
     assert any(n.startswith("first layer(s) ['0.weight']: kept float, not timed in int8") for n in notes), notes
     assert not (tmp_path / "quantize-int8-first.onnx").exists()
@@ -470,24 +477,16 @@ def test_a_first_layer_variant_that_fails_leaves_the_default_result(tmp_path, cn
     purpose) is noted and the default int8 graph is returned, not an error."""
     from worker.engine.passes.quantize import ort as ort_quant
 
-    x_train, _, x_test, _ = digits
-    fp32 = mz.export_onnx(cnn, mz.as_images(x_test), tmp_path / "cnn.onnx")
-    proto = onnx.load(str(fp32))
-    ort_quant.name_nodes(proto)
-    first = next(n.name for n in proto.graph.node if n.op_type == "Conv")
-
     def broken_padding(model, nodes, shapes=None):
-        next(n for n in model.graph.node if n.name == first).input[0] = "no_such_tensor"
+        next(n for n in model.graph.node if n.name == nodes[0]).input[0] = "no_such_tensor"
         return []
 
     monkeypatch.setattr(ort_quant, "pad_input_channels", broken_padding)
-    model, notes, first_quantized = ort_quant.quantize_static(
-        proto, [mz.as_images(x_train[:64])], calibration="minmax", per_channel=True, exclude=[first],
-        workdir=tmp_path, keep_norm=True, first_layers={first: "0.weight"}, timing=(1, 32))
+    model, notes, first_quantized = _quantize_cnn_with_first_layer_trial(cnn, digits, tmp_path)
     assert first_quantized == []
     assert any(n.startswith("first layer(s) ['0.weight']: kept float; the int8 variant could not be measured")
                for n in notes), notes
     assert ort_quant.int8_weights(model)
     onnx.save(model, str(tmp_path / "int8.onnx"))
-    out = onnx_predict(tmp_path / "int8.onnx", mz.as_images(x_test[:32]))
+    out = onnx_predict(tmp_path / "int8.onnx", mz.as_images(digits[2][:32]))
     assert out.shape == (32, 10)

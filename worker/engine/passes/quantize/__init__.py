@@ -194,12 +194,13 @@ class Quantize(Pass):
             (model.format == "onnx" or "onnx" in outputs)
         first_by_default = []
         for r in selected:
-            if "first" in kinds and r.name in first and may_quantize_first:
-                kept[r.name] = ("first layer (takes the model input): kept float by default, except in ONNX output "
-                                "where int8 measured faster (see the notes)")
-                first_by_default.append(r.name)
-            elif "first" in kinds and r.name in first:
-                kept[r.name] = "first layer (takes the model input): kept float by keep_float"
+            if "first" in kinds and r.name in first:
+                if may_quantize_first:
+                    kept[r.name] = ("first layer (takes the model input): kept float by default, except in ONNX "
+                                    "output where int8 measured faster (see the notes)")
+                    first_by_default.append(r.name)
+                else:
+                    kept[r.name] = "first layer (takes the model input): kept float by keep_float"
             elif "last" in kinds and r.name in last:
                 kept[r.name] = "last layer (produces the output): kept float by keep_float"
         targets = [r for r in selected if r.name not in kept]
