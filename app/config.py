@@ -62,8 +62,20 @@ class Settings(BaseSettings):
     sandbox_memory_max_bytes: int = Field(32 * GiB, gt=0)
     sandbox_file_bytes: int = Field(16 * GiB, gt=0)
     sandbox_max_processes: int = Field(4096, gt=0)
-    # Dropped to when the worker runs as root; the sandbox never runs user code as root.
-    sandbox_user: str = "nobody"
+    # A worker run as root gives each running job its own uid from this range (docs/security.md): the job's files,
+    # its RLIMIT_NPROC and its signals are its own. The range needs no passwd entries; make it at least the number
+    # of job slots on the host and keep it clear of real users. Slots are held by flock in sandbox_slot_dir.
+    sandbox_uid_first: int = Field(200_000, ge=1000)
+    sandbox_uid_count: int = Field(256, ge=1)
+    sandbox_slot_dir: Path = Path("/run/squeeze/sandbox-uids")
+    # Without bubblewrap the worker refuses to run model code. True lets it run with rlimits, an empty environment
+    # and its own session only (no namespaces: host files, processes and network reachable): a single-user laptop.
+    sandbox_allow_weak: bool = False
+    # What one job's sandbox may make the supervisor store: events (count, bytes of message + data) and any one
+    # protocol line (the result included). Past a cap the job fails with `sandbox_output_limit`.
+    sandbox_max_events: int = Field(1000, ge=10)
+    sandbox_max_event_bytes: int = Field(4 * MiB, ge=64 * 1024)
+    sandbox_max_line_bytes: int = Field(4 * MiB, ge=64 * 1024)
     sandbox_threads: int = Field(0, ge=0)  # 0: all cores of the worker
 
     heartbeat_interval_s: float = Field(2.0, gt=0)

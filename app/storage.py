@@ -62,6 +62,19 @@ def _check_digest(sha256: str) -> str:
     return sha256
 
 
+def secure_data_dir(settings) -> None:
+    """The server's files are its own (docs/security.md): files it creates from now on are 0600 and folders 0700
+    (umask 077), the data dir is 0700, and an SQLite database (with its -wal and -shm files) 0600."""
+    os.umask(0o077)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    if settings.database_url.startswith("sqlite:///"):
+        db = Path(settings.database_url.removeprefix("sqlite:///"))
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            if path.exists():
+                os.chmod(path, 0o600)
+
+
 class LocalStore:
     """Blobs as files under a folder: `ab/cdef....` by digest."""
 
@@ -78,8 +91,9 @@ class LocalStore:
             if dest.exists():
                 return
             dest.parent.mkdir(parents=True, exist_ok=True)
-            # Temp files are 0600; blobs must be readable by the API and worker users alike.
-            os.chmod(src, 0o644)
+            # Readable by the service user only (docs/security.md): the API and workers that share a local
+            # store run as one user.
+            os.chmod(src, 0o600)
             try:
                 os.replace(src, dest)  # same filesystem: atomic
             except OSError:
@@ -101,7 +115,7 @@ class LocalStore:
                 shutil.copyfileobj(f, tmp, CHUNK)
                 tmp.flush()
                 os.fsync(tmp.fileno())
-            os.chmod(tmp.name, 0o644)
+            os.chmod(tmp.name, 0o600)
             os.replace(tmp.name, dest)
         except BaseException:
             Path(tmp.name).unlink(missing_ok=True)

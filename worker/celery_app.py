@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
 from app.config import get_settings
 from app.lifecycle import start_reaper
 from app.logging_setup import configure_logging
 from app.queue import celery_config
+from app.storage import secure_data_dir
 
 celery = Celery("squeeze", include=["worker.tasks"])
 celery.conf.update(
@@ -28,6 +29,11 @@ _reaper_stop = None
 @setup_logging.connect
 def _logging(**_):  # connected: Celery leaves logging to us (JSON lines with the job id, as the API's)
     configure_logging()
+
+
+@worker_init.connect
+def _secure_files(**_):  # before the pool forks: every process of the worker creates files 0600
+    secure_data_dir(get_settings())
 
 
 @worker_ready.connect

@@ -1,48 +1,38 @@
-"""Process isolation for the model sandbox (DESIGN.md §6).
+"""Process isolation for the model sandbox: bubblewrap, one uid per job, rlimits (docs/security.md).
 
 An uploaded model is untrusted code.  :func:`spawn` starts the sandbox child
-(``python -I -m worker.sandbox JOBDIR``) so that it
+(``python -I -m worker.sandbox JOBDIR``) inside `bubblewrap <bwrap>`_ (the
+Debian package ``bubblewrap``, the sandbox Flatpak uses), so that it
 
-* sees an empty environment (minimal ``PATH``, ``HOME``/``TMPDIR`` in the job
-  directory, ``LANG``, plus what the caller passes explicitly);
-* leads its own session / process group (the supervisor can ``os.killpg`` it) and
-  gets ``SIGKILL`` when the spawning process dies (``PR_SET_PDEATHSIG``);
-* runs under rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``CORE=0``) and
-  ``PR_SET_NO_NEW_PRIVS``;
-* has no network (a fresh network namespace: only a ``lo`` that is down);
-* can write only its job directory: a private mount namespace in which ``/tmp``,
-  ``/var/tmp`` and ``/dev/shm`` are throw-away tmpfs mounts, the job directory's
-  parent is masked (sibling job directories are invisible), and every other
-  mount is remounted read-only;
-* runs as an unprivileged uid (``limits.user``) when the supervisor is root.
+* has new PID, IPC, UTS, network, mount, user and cgroup namespaces: its own
+  ``/proc`` shows only its own processes, SysV IPC and POSIX message queues die
+  with it, the network is a ``lo`` of its own;
+* sees a root made of read-only binds of exactly what Python and the engine
+  need (the interpreter's prefixes, site-packages, the ``app`` and ``worker``
+  packages, ``/usr``), its job directory read-write at the same path, private
+  size-capped ``/tmp``, ``/var/tmp`` and ``/dev/shm``; nothing else of the host
+  (no data dir, database, blob store, other job directory, ``/home``, ``/srv``);
+* runs as the job's own uid (one per concurrent slot, :mod:`worker.uid_slots`)
+  under rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC`` per uid, ``CORE=0``),
+  with no capabilities, ``no_new_privs`` and no further user namespaces;
+* dies whole: ``--die-with-parent`` and the PID namespace's init end every
+  process the job started when the job's main process ends or is killed.
 
-How: ``spawn`` does not use ``preexec_fn`` (unsafe when the supervisor has
-threads).  It execs this very file as a small stdlib-only helper
-(``python -I -S isolation.py CONFIG -- ARGV``) with the already-empty environment;
-the helper does, in order, unshare(NEWNS|NEWNET) -> mounts -> setrlimit ->
-setgroups/setgid/setuid -> no_new_privs + PDEATHSIG -> chdir -> execve.  It tells
-``spawn`` over a close-on-exec pipe what it applied (or why it failed), so
-``spawn`` returns only once the target is exec'ed and raises
-:class:`SandboxError` if a required protection failed.
+How: ``spawn`` execs this very file as a small stdlib-only helper
+(``python -I -S isolation.py CONFIG -- BWRAP-ARGV``, no ``preexec_fn``).  As
+root the helper makes a private mount namespace in which the needed trees are
+reachable by the job's uid (an untraversable ancestor such as a 0700 ``/root``
+is covered by a tmpfs and the tree bound back), applies the rlimits, drops to
+the job's uid, sets ``no_new_privs`` and ``PDEATHSIG`` and execs ``bwrap``.
+It reports what it applied over a pipe; bwrap writes its ``--info-fd`` JSON on
+the same pipe once the namespaces exist, so ``spawn`` returns only when the
+sandbox is up and raises :class:`SandboxError` otherwise (fail closed).
 
-As root the namespaces and the uid drop are mandatory (fail closed).  As an
-ordinary user the helper tries a user namespace (NEWUSER|NEWNS|NEWNET, mapping
-the caller's uid onto itself) and otherwise falls back to rlimits + empty env +
-process group; :func:`describe` / ``Popen.isolation`` say what is missing.
-
-The interpreter may live somewhere the sandbox uid cannot traverse (here
-``/root/.pyenv``, ``/root`` being 0700).  Inside the private mount namespace the
-helper masks the topmost untraversable ancestor with a 0755 tmpfs and binds the
-needed trees (interpreter, prefixes, site-packages, project source) back at the
-same paths, held by ``O_PATH`` file descriptors while covered.  The same trick
-keeps a job directory under ``/tmp`` reachable after ``/tmp`` is replaced.
-
-Known limits (reported by ``describe``): there is no PID namespace, so the
-sandbox can see other processes in ``/proc`` (it cannot read a root
-supervisor's environment, but in the unprivileged user-namespace mode it runs
-as the caller's own uid and could read the caller's ``/proc/PID/environ``);
-concurrent sandboxes share the one ``limits.user`` uid; world-readable host
-files stay readable.
+Not root: bwrap runs as the caller's uid in a user namespace (no per-job uid,
+no ``NPROC``).  Without a working bwrap the sandbox refuses to start unless
+``SandboxLimits.allow_weak`` (``SQUEEZE_SANDBOX_ALLOW_WEAK``, for a
+single-user laptop): then the child runs with rlimits, an empty environment
+and its own session only, and :func:`describe` lists what is missing.
 
 This module must stay stdlib-only: it runs as the helper with ``-I -S``.
 """
@@ -53,8 +43,8 @@ import ctypes
 import errno
 import json
 import os
-import pwd
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -81,36 +71,25 @@ TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 TMPFS_MAX_BYTES = 256 * 1024 * 1024
 MASK_TMPFS_BYTES = 1024 * 1024  # tmpfs masking a directory: holds only mount points
 TMPDIR_NAME = ".tmp"
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), "
+                "or, on a single-user machine only, set SQUEEZE_SANDBOX_ALLOW_WEAK=true")
+# Host files a Python process may read at start (the loader cache, time zone); none holds a secret.
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "passwd", "group",
+             "alternatives")
+HOST_READONLY = ("/sys/devices/system/cpu",)  # CPU topology: ONNX Runtime and torch size their thread pools
 
 _HELPER_EXIT_SETUP = 126
 _HELPER_EXIT_EXEC = 127
 
 # linux/sched.h, linux/mount.h, linux/prctl.h
 CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
-_MOUNT_OPT_FLAGS = {
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME,
-    "relatime": MS_RELATIME,
-}
 
 
 class SandboxError(RuntimeError):
@@ -122,8 +101,9 @@ class SandboxLimits:
     memory_bytes: int  # RLIMIT_AS
     cpu_seconds: int  # RLIMIT_CPU (soft; SIGKILL 5 s later)
     file_bytes: int  # RLIMIT_FSIZE
-    max_processes: int  # RLIMIT_NPROC (only applied for the unprivileged uid)
-    user: str = "nobody"  # uid/gid to drop to when started as root
+    max_processes: int  # RLIMIT_NPROC, per uid: applied when the job has a uid of its own
+    uid: int | None = None  # the job's own uid (root only); None: the caller's uid
+    allow_weak: bool = False  # run without bubblewrap where it is missing (single-user machines only)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -137,13 +117,9 @@ def _sandbox_ids(limits: SandboxLimits) -> tuple[int, int]:
     """uid/gid the sandbox runs as (the caller's own ids when not root)."""
     if not _is_root():
         return os.geteuid(), os.getegid()
-    try:
-        pw = pwd.getpwnam(limits.user)
-    except KeyError:
-        raise SandboxError(f"sandbox user {limits.user!r} does not exist on this host") from None
-    if pw.pw_uid == 0:
-        raise SandboxError(f"sandbox user {limits.user!r} is uid 0; refusing to run models as root")
-    return pw.pw_uid, pw.pw_gid
+    if limits.uid is None or limits.uid <= 0:
+        raise SandboxError("a sandbox started as root needs a uid of its own (SandboxLimits.uid > 0)")
+    return limits.uid, limits.uid
 
 
 def sandbox_env(jobdir: Path | str, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -154,6 +130,7 @@ def sandbox_env(jobdir: Path | str, extra_env: Mapping[str, str] | None = None) 
         "HOME": jobdir,
         "LANG": "C.UTF-8",
         "TMPDIR": os.path.join(jobdir, TMPDIR_NAME),
+        "USER": "sandbox",  # getpass.getuser() reads it: the job's uid has no passwd entry
     }
     for key, value in (extra_env or {}).items():
         if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
@@ -163,7 +140,7 @@ def sandbox_env(jobdir: Path | str, extra_env: Mapping[str, str] | None = None) 
 
 
 def prepare_jobdir(jobdir: Path | str, limits: SandboxLimits) -> None:
-    """Give the job directory tree to the sandbox uid/gid (when root).
+    """Give the job directory tree to the job's uid (when root), mode 0700.
 
     Symlinks are not followed (``lchown``), so a planted link cannot make the
     supervisor chown something outside the job directory.
@@ -171,11 +148,11 @@ def prepare_jobdir(jobdir: Path | str, limits: SandboxLimits) -> None:
     jobdir = Path(jobdir)
     jobdir.mkdir(parents=True, exist_ok=True)
     (jobdir / TMPDIR_NAME).mkdir(exist_ok=True)
+    os.chmod(jobdir, 0o700)
     if not _is_root():
         return
     uid, gid = _sandbox_ids(limits)
     os.lchown(jobdir, uid, gid)
-    os.chmod(jobdir, 0o700)
     for root, dirs, files in os.walk(jobdir, followlinks=False):
         for name in dirs + files:
             os.lchown(os.path.join(root, name), uid, gid)
@@ -238,7 +215,9 @@ def _is_under(path: str, top: str) -> bool:
 
 
 def runtime_paths(argv: Sequence[str] = ()) -> list[str]:
-    """Real paths the sandboxed interpreter needs to read (and the helper to exec)."""
+    """Real paths of the trees the sandboxed interpreter reads: its prefixes, site-packages, the project's
+    ``app`` and ``worker`` packages (not the project folder: a default data dir lies in it)."""
+    project = Path(__file__).resolve().parents[1]
     candidates: list[str] = [
         os.path.dirname(os.path.realpath(sys.executable)),
         os.path.dirname(os.path.abspath(sys.executable)),
@@ -246,7 +225,8 @@ def runtime_paths(argv: Sequence[str] = ()) -> list[str]:
         sys.base_prefix,
         sys.exec_prefix,
         sys.base_exec_prefix,
-        str(Path(__file__).resolve().parents[1]),  # the project source (worker/, app/)
+        str(project / "app"),
+        str(project / "worker"),
     ]
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         value = sysconfig.get_paths().get(key)
@@ -260,61 +240,77 @@ def runtime_paths(argv: Sequence[str] = ()) -> list[str]:
         pass
     if argv and os.path.isabs(argv[0]):
         candidates.append(os.path.dirname(os.path.realpath(argv[0])))
-    out: list[str] = []
-    for c in candidates:
-        if c and os.path.isabs(c) and os.path.isdir(c):
-            out.append(os.path.realpath(c))
-    return sorted(set(out))
+    out = {os.path.realpath(c) for c in candidates if c and os.path.isabs(c) and os.path.isdir(c)}
+    # A tree inside another one is bound with it.
+    return sorted(p for p in out if not any(q != p and _is_under(p, q) for q in out))
 
 
-def _plan_mounts(
-    jobdir: str, uid: int, gid: int, needed: Sequence[str], tmpfs_bytes: int
-) -> dict[str, Any]:
-    """Decide which directories get covered by a tmpfs and which trees are bound back.
+def _plan_reveal(needed: Sequence[str], uid: int, gid: int) -> list[dict[str, Any]]:
+    """Mount operations that make each needed tree reachable by ``uid``: every ancestor it cannot traverse
+    is covered by a 0755 tmpfs and the needed trees under it are bound back at their own paths. Applied in
+    path-depth order, in the helper's private mount namespace, before bwrap (running as ``uid``) reads them."""
+    gids, needed_set, covers = {gid}, set(needed), set()
 
-    Covers: the private tmp dirs; the job directory's parent (hides sibling
-    jobs); and, for each needed tree, any ancestor the sandbox uid cannot
-    traverse.  A needed tree (or the job directory) that ends up under a cover
-    is re-exposed at its own path.  The result is a list of operations in
-    path-depth order, so a cover below a re-exposed tree is applied after it.
-    """
-    gids = {gid}
-    needed_set = set(needed) | {jobdir}
-    base: dict[str, dict[str, Any]] = {}
-    for d in TMP_DIRS:
-        if os.path.isdir(d) and not os.path.islink(d):
-            base[os.path.realpath(d)] = {"kind": "tmp", "mode": 0o1777, "size": tmpfs_bytes}
-    parent = os.path.dirname(jobdir)
-    if parent != "/" and parent not in base:
-        base[parent] = {"kind": "mask", "mode": 0o755, "size": MASK_TMPFS_BYTES}
-    for p in needed_set:  # a needed tree is never covered itself
-        base.pop(p, None)
-
-    def walk(target: str, covers: dict[str, Any], masks: dict[str, Any]) -> bool:
-        """State just above `target`: True if fresh (inside a cover, not re-exposed)."""
+    def fresh_above(target: str) -> bool:
         fresh = False
         for a in _ancestors(target):
             if a in covers:
                 fresh = True
             elif a in needed_set:
-                fresh = False  # re-exposed (bound back) or reachable as it is
+                fresh = False  # bound back: reachable as it is
             if not fresh and not _can_traverse(a, uid, gids):
-                masks.setdefault(a, {"kind": "mask", "mode": 0o755, "size": MASK_TMPFS_BYTES})
+                covers.add(a)
                 fresh = True
         return fresh
 
-    masks: dict[str, Any] = {}
     for p in sorted(needed_set, key=lambda s: (s.count("/"), s)):
-        walk(p, {**base, **masks}, masks)
-    covers = {c: v for c, v in {**base, **masks}.items() if c not in needed_set}
-    # A cover lying inside another cover (and not re-exposed) does not exist there.
-    covers = {c: v for c, v in covers.items() if not walk(c, covers, {})}
-    ops: list[dict[str, Any]] = [{"op": "cover", "path": c, **v} for c, v in covers.items()]
-    for p in needed_set:
-        if p == jobdir or walk(p, covers, {}):
-            ops.append({"op": "bind", "path": p})
-    ops.sort(key=lambda o: (o["path"].count("/"), o["path"]))
-    return {"ops": ops}
+        fresh_above(p)
+    covers -= needed_set
+    ops = [{"op": "cover", "path": c} for c in covers]
+    ops += [{"op": "bind", "path": p} for p in needed_set if any(_is_under(p, c) for c in covers)]
+    return sorted(ops, key=lambda o: (o["path"].count("/"), o["path"]))
+
+
+# --------------------------------------------------------------------------- the bwrap command
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap", path=MINIMAL_PATH)
+
+
+def _root_links() -> list[str]:
+    """/bin, /lib, /lib64, /sbin as on the host: a symlink into /usr (merged /usr) or a read-only bind."""
+    args: list[str] = []
+    for name in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
+        path = f"/{name}"
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def bwrap_argv(jobdir: str, needed: Sequence[str], hidden: Sequence[str], tmpfs_bytes: int,
+               argv: Sequence[str], info_fd: int) -> list[str]:
+    """The bwrap command line: namespaces, a minimal read-only root, the job directory read-write."""
+    args = [bwrap_path() or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--hostname", "sandbox", "--info-fd", str(info_fd),
+            "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", "/usr", *_root_links()]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for path in HOST_READONLY:
+        args += ["--ro-bind-try", path, path]
+    for path in sorted(needed, key=lambda s: (s.count("/"), s)):
+        if not _is_under(path, "/usr"):
+            args += ["--ro-bind", path, path]
+    for path in hidden:  # a server folder inside a bound tree (a data dir inside the venv, say) is covered
+        if any(_is_under(path, n) for n in needed):
+            args += ["--size", str(MASK_TMPFS_BYTES), "--tmpfs", path]
+    for path in TMP_DIRS:
+        args += ["--size", str(tmpfs_bytes), "--tmpfs", path]
+    args += ["--bind", jobdir, jobdir, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", jobdir, "--",
+             *argv]
+    return args
 
 
 # --------------------------------------------------------------------------- spawn
@@ -330,16 +326,16 @@ def spawn(
     stdin: Any = subprocess.DEVNULL,
     extra_env: dict[str, str] | None = None,
     readable_paths: Sequence[Path | str] = (),
+    hidden_paths: Sequence[Path | str] = (),
 ) -> subprocess.Popen:
     """Start ``argv`` isolated in ``jobdir``; return the Popen of the sandbox.
 
-    The returned process leads its own session/process group
-    (``os.killpg(proc.pid, SIGKILL)`` kills everything it started) and has an
-    ``isolation`` attribute: the dict of protections actually applied (same
-    shape as :func:`describe`).  Raises :class:`SandboxError` when a required
-    protection (root: namespaces + uid drop) cannot be applied or ``argv`` cannot
-    be executed.  ``readable_paths``: further trees the child must read (they
-    are re-exposed if an ancestor is untraversable for the sandbox uid).
+    The returned process leads its own session/process group; killing it
+    (``os.killpg(proc.pid, SIGKILL)``) ends the whole sandbox.  Its
+    ``isolation`` attribute is the dict of protections applied (the shape of
+    :func:`describe`).  Raises :class:`SandboxError` when the sandbox cannot be
+    started with its protections.  ``readable_paths``: further trees the child
+    reads; ``hidden_paths``: server folders to cover should a bound tree hold one.
     """
     if not argv:
         raise ValueError("argv is empty")
@@ -348,88 +344,78 @@ def spawn(
         raise SandboxError(f"job directory {jobdir_s} does not exist")
     if jobdir_s == "/" or jobdir_s in [os.path.realpath(d) for d in TMP_DIRS]:
         raise SandboxError(f"refusing job directory {jobdir_s}")
-    root = _is_root()
     uid, gid = _sandbox_ids(limits)
     env = sandbox_env(jobdir_s, extra_env)
     needed = runtime_paths(argv) + [os.path.realpath(str(p)) for p in readable_paths]
     tmpfs_bytes = max(1024 * 1024, min(limits.file_bytes, TMPFS_MAX_BYTES))
-    plan = _plan_mounts(jobdir_s, uid, gid, needed, tmpfs_bytes)
-
+    mode = _mode(limits)
     r, w = os.pipe()
     try:
+        target = list(argv)
+        if mode != "weak":
+            hidden = [os.path.realpath(str(p)) for p in hidden_paths]
+            target = bwrap_argv(jobdir_s, needed, hidden, tmpfs_bytes, argv, w)
         config = {
-            "mode": "root" if root else "user",
-            "argv": list(argv),
-            "env": env,
-            "jobdir": jobdir_s,
-            "uid": uid,
-            "gid": gid,
-            "user": limits.user if root else pwd.getpwuid(uid).pw_name if _has_pw(uid) else str(uid),
-            "limits": {
-                "memory_bytes": int(limits.memory_bytes),
-                "cpu_seconds": int(limits.cpu_seconds),
-                "file_bytes": int(limits.file_bytes),
-                "max_processes": int(limits.max_processes),
-            },
-            "plan": plan,
-            "parent_pid": os.getpid(),
-            "status_fd": w,
+            "mode": mode, "argv": target, "env": env, "jobdir": jobdir_s, "uid": uid, "gid": gid,
+            "limits": {"memory_bytes": int(limits.memory_bytes), "cpu_seconds": int(limits.cpu_seconds),
+                       "file_bytes": int(limits.file_bytes), "max_processes": int(limits.max_processes)},
+            "plan": _plan_reveal([*needed, jobdir_s], uid, gid) if mode == "bwrap-root" else [],
+            "parent_pid": os.getpid(), "status_fd": w,
         }
-        helper = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config), "--", *argv]
-        proc = subprocess.Popen(
-            helper,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            cwd="/",
-            close_fds=True,
-            pass_fds=(w,),
-            start_new_session=True,
-        )
+        helper = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config), "--", *target]
+        proc = subprocess.Popen(helper, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd="/",
+                                close_fds=True, pass_fds=(w,), start_new_session=True)
     finally:
         os.close(w)
-    try:
-        chunks = []
-        while True:
-            data = os.read(r, 65536)
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(r)
-    messages = b"".join(chunks).decode("utf-8", "replace").splitlines()
-    report: dict[str, Any] | None = None
-    error: str | None = None
-    for line in messages:
-        kind, _, payload = line.partition(" ")
-        if kind == "OK":
-            report = json.loads(payload)
-        elif kind in ("ERR", "EXECFAIL"):
-            error = payload
+    report, error = _read_status(r, mode)
     if error is not None or report is None:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        _close_pipes(proc)
-        raise SandboxError(
-            f"sandbox setup failed: {error or f'helper exited with status {proc.returncode} before exec'}"
-        )
+        _reap_failed(proc)
+        raise SandboxError(f"sandbox setup failed: {error or _exit_text(proc)}")
     proc.isolation = report  # type: ignore[attr-defined]
     return proc
 
 
-def _has_pw(uid: int) -> bool:
+def _mode(limits: SandboxLimits) -> str:
+    if bwrap_path() is not None:
+        return "bwrap-root" if _is_root() else "bwrap-user"
+    if limits.allow_weak:
+        return "weak"
+    raise SandboxError(f"bubblewrap (bwrap) is not on {MINIMAL_PATH}: the worker refuses to run model code "
+                       f"without it; {INSTALL_HINT}")
+
+
+def _read_status(r: int, mode: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The helper's OK/ERR line, then (bwrap) its --info-fd JSON once the namespaces exist; EOF ends it."""
+    chunks = []
     try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
+        while data := os.read(r, 65536):
+            chunks.append(data)
+    finally:
+        os.close(r)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    head, _, rest = text.partition("\n")
+    kind, _, payload = head.partition(" ")
+    if kind != "OK":
+        return None, payload or None
+    report = json.loads(payload)
+    if rest.startswith("EXECFAIL "):
+        return None, rest.partition(" ")[2].strip()
+    if mode == "weak":
+        return report, None
+    try:
+        info = json.loads(rest)
+    except ValueError:
+        return None, "bwrap exited before the sandbox was set up (its message is in the job's stderr)"
+    report["namespaces"] = sorted({"user", *(k.removesuffix("-namespace") for k in info if k.endswith("-namespace"))})
+    return report, None
 
 
-def _close_pipes(proc: subprocess.Popen) -> None:
+def _reap_failed(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None:
             try:
@@ -438,27 +424,26 @@ def _close_pipes(proc: subprocess.Popen) -> None:
                 pass
 
 
+def _exit_text(proc: subprocess.Popen) -> str:
+    return f"helper exited with status {proc.returncode} before exec"
+
+
 _DESCRIBE_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
 def describe(limits: SandboxLimits | None = None, *, refresh: bool = False) -> dict[str, Any]:
-    """What isolation this host actually applies, measured by a probe sandbox.
+    """What isolation this host actually applies, measured by a probe sandbox (cached per limits).
 
-    Runs ``python -I -S -c pass`` through :func:`spawn` in a scratch job
-    directory (cached per limits).  Keys: ``mode`` (root / userns / degraded),
-    ``network_namespace``, ``mount_namespace``, ``private_tmp``,
-    ``readonly_mounts``, ``hidden_paths``, ``user_namespace``, ``uid``/``gid``/
-    ``user``, ``uid_dropped``, ``rlimits``, ``no_new_privs``, ``pdeathsig``,
-    ``own_process_group``, ``empty_environment``, ``pid_namespace`` and
-    ``missing`` (human-readable list of protections not applied).  If the probe
-    fails, ``{"mode": "unavailable", "error": ...}``.
+    Keys: ``mode`` (bwrap-root / bwrap-user / weak), ``namespaces``, ``uid``,
+    ``gid``, ``per_job_uid``, ``rlimits``, ``resource_control``,
+    ``no_new_privs``, ``pdeathsig``, ``own_process_group``,
+    ``empty_environment``, ``revealed_paths`` and ``missing`` (what is not
+    applied, in words).  If the probe fails: ``{"mode": "unavailable", "error": ...}``.
     """
-    import shutil
     import tempfile
 
-    limits = limits or SandboxLimits(
-        memory_bytes=1 << 30, cpu_seconds=10, file_bytes=1 << 20, max_processes=64
-    )
+    limits = limits or SandboxLimits(memory_bytes=1 << 30, cpu_seconds=10, file_bytes=1 << 20,
+                                     max_processes=64, uid=_PROBE_UID if _is_root() else None)
     key = (limits, os.geteuid())
     if not refresh and key in _DESCRIBE_CACHE:
         return dict(_DESCRIBE_CACHE[key])
@@ -467,13 +452,8 @@ def describe(limits: SandboxLimits | None = None, *, refresh: bool = False) -> d
         jobdir = Path(base) / "job"
         prepare_jobdir(jobdir, limits)
         try:
-            proc = spawn(
-                [sys.executable, "-I", "-S", "-c", "pass"],
-                jobdir,
-                limits,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            proc = spawn([sys.executable, "-I", "-S", "-c", "pass"], jobdir, limits,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except SandboxError as exc:
             return {"mode": "unavailable", "error": str(exc)}
         proc.wait()
@@ -484,9 +464,12 @@ def describe(limits: SandboxLimits | None = None, *, refresh: bool = False) -> d
     return dict(result)
 
 
+_PROBE_UID = 65534  # describe()'s probe runs as nobody: it starts nothing but `python -c pass`
+
+
 # --------------------------------------------------------------------------- helper side
 # Everything below runs in the helper process, between fork/exec of the helper
-# and execve of the target.  Only stdlib, no threads.
+# and execve of bwrap (or, weak mode, the target).  Only stdlib, no threads.
 
 
 def _libc() -> ctypes.CDLL:
@@ -505,72 +488,29 @@ def _check(ret: int, what: str) -> None:
 
 def _mount(libc, source, target, fstype, flags, data=None) -> None:
     enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
-    _check(
-        libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
-        f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x})",
-    )
+    _check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
+           f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x})")
 
 
-def _mountinfo() -> list[tuple[str, int]]:
-    """(mount point, preserved flags) of every mount in this namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].encode().decode("unicode_escape")  # \040 etc.
-            opts = fields[5].split(",")
-            flags = 0
-            for opt in opts:
-                flags |= _MOUNT_OPT_FLAGS.get(opt, 0)
-            if "relatime" not in opts and "noatime" not in opts:
-                flags |= MS_STRICTATIME  # keep the atime mode: changing it is refused on locked mounts
-            out.append((mp, flags))
-    return out
-
-
-def _setup_mounts(libc, cfg: dict[str, Any], report: dict[str, Any]) -> None:
-    plan = cfg["plan"]
-    jobdir = cfg["jobdir"]
+def _reveal(libc, plan: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    """Root only: a private mount namespace in which the job's uid can reach the trees bwrap binds."""
+    os.umask(0o022)  # the mount points made below must be traversable by the job's uid, whatever the worker's umask
+    _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    ops = plan["ops"]
-    # Hold every tree that is re-exposed before anything covers it.
-    held: dict[str, int] = {}
-    for op in ops:
-        if op["op"] == "bind":
-            held[op["path"]] = os.open(op["path"], os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)
+    held = {op["path"]: os.open(op["path"], os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)
+            for op in plan if op["op"] == "bind"}
     try:
-        for op in ops:
+        for op in plan:
             path = op["path"]
             if op["op"] == "cover":
-                opts = f"mode={op['mode']:o},size={int(op['size'])}"
-                _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+                _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=755,size={MASK_TMPFS_BYTES}")
             else:
                 os.makedirs(path, mode=0o755, exist_ok=True)
                 _mount(libc, f"/proc/self/fd/{held[path]}", path, None, MS_BIND | MS_REC)
     finally:
         for fd in held.values():
             os.close(fd)
-    report["mount_namespace"] = True
-    report["private_tmp"] = sorted(o["path"] for o in ops if o["op"] == "cover" and o["kind"] == "tmp")
-    report["hidden_paths"] = sorted(o["path"] for o in ops if o["op"] == "cover" and o["kind"] == "mask")
-    report["reexposed_paths"] = sorted(o["path"] for o in ops if o["op"] == "bind" and o["path"] != jobdir)
-    # Everything but the job directory, the private tmp dirs and /dev,/proc,/sys read-only.
-    writable = [jobdir] + report["private_tmp"]
-    failures = []
-    for mp, flags in _mountinfo():
-        if any(_is_under(mp, w) for w in writable) or any(_is_under(mp, s) for s in ("/dev", "/proc", "/sys")):
-            continue
-        try:
-            _mount(libc, None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                continue  # hidden under a cover
-            if exc.errno == errno.EINVAL and not os.path.ismount(mp):
-                continue  # path now resolves into a cover, not to that mount
-            failures.append(f"{mp}: {exc.strerror}")
-    report["readonly_mounts"] = not failures
-    if failures:
-        report["missing"].append("read-only remount failed for: " + "; ".join(failures[:5]))
+    report["revealed_paths"] = sorted(op["path"] for op in plan if op["op"] == "bind")
 
 
 def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Any], *, nproc: bool) -> None:
@@ -592,19 +532,58 @@ def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Any], *, nproc: bool) 
     if nproc:
         setl("NPROC", resource.RLIMIT_NPROC, lim["max_processes"], lim["max_processes"])
     else:
-        report["missing"].append(
-            "RLIMIT_NPROC not applied (it would count all processes of the caller's own uid)"
-        )
+        report["missing"].append("RLIMIT_NPROC not applied (it would count all processes of the caller's own uid)")
     report["rlimits"] = applied
+    report["resource_control"] = "rlimits"
 
 
-def _write_id_maps(uid: int, gid: int) -> None:
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
+def _drop_uid(cfg: dict[str, Any], report: dict[str, Any]) -> None:
+    os.setgroups([])
+    os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
+    os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+    if os.getuid() == 0 or os.geteuid() == 0 or os.getresuid() != (cfg["uid"],) * 3:
+        raise OSError(errno.EPERM, "uid drop did not take effect")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise OSError(errno.EPERM, "could regain uid 0 after dropping it")
+    report["per_job_uid"] = True
+
+
+def _new_report(cfg: dict[str, Any]) -> dict[str, Any]:
+    weak = cfg["mode"] == "weak"
+    return {
+        "mode": cfg["mode"], "namespaces": [], "uid": os.geteuid(), "gid": os.getegid(), "per_job_uid": False,
+        "rlimits": {}, "resource_control": "none", "no_new_privs": False, "pdeathsig": False,
+        "own_process_group": os.getpgrp() == os.getpid() and os.getsid(0) == os.getpid(),
+        "empty_environment": set(os.environ) == set(cfg["env"]), "revealed_paths": [],
+        "missing": ["no bubblewrap: no namespaces (host processes, files and network are reachable), "
+                    "the caller's uid"] if weak else [],
+    }
+
+
+def _setup(cfg: dict[str, Any], report: dict[str, Any]) -> None:
+    libc = _libc()
+    root = cfg["mode"] == "bwrap-root"
+    if root:
+        _reveal(libc, cfg["plan"], report)
+    _apply_rlimits(cfg, report, nproc=root)
+    if root:
+        _drop_uid(cfg, report)
+    elif cfg["mode"] == "bwrap-user":
+        report["missing"].append(f"no per-job uid (the worker is not root): the job runs as uid {cfg['uid']}")
+    report["uid"], report["gid"] = os.geteuid(), os.getegid()
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    report["no_new_privs"] = True
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")  # after the uid change
+    if os.getppid() != cfg["parent_pid"]:
+        raise OSError(errno.ESRCH, "the spawning process is already gone")
+    report["pdeathsig"] = True
+    os.umask(0o077)
+    os.chdir(cfg["jobdir"])
+    os.makedirs(cfg["env"]["TMPDIR"], mode=0o700, exist_ok=True)
 
 
 def _helper_main(args: list[str]) -> None:
@@ -612,99 +591,23 @@ def _helper_main(args: list[str]) -> None:
     assert args[2] == "--"
     argv = args[3:]
     status_fd = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)
 
     def send(kind: str, payload: str) -> None:
         data = f"{kind} {payload}\n".encode()
         while data:
             data = data[os.write(status_fd, data):]
 
-    root = cfg["mode"] == "root"
-    report: dict[str, Any] = {
-        "mode": "degraded",
-        "user_namespace": False,
-        "network_namespace": False,
-        "mount_namespace": False,
-        "private_tmp": [],
-        "hidden_paths": [],
-        "reexposed_paths": [],
-        "readonly_mounts": False,
-        "uid": os.geteuid(),
-        "gid": os.getegid(),
-        "user": cfg["user"],
-        "uid_dropped": False,
-        "rlimits": {},
-        "no_new_privs": False,
-        "pdeathsig": False,
-        "own_process_group": os.getpgrp() == os.getpid() and os.getsid(0) == os.getpid(),
-        "empty_environment": set(os.environ) == set(cfg["env"]),
-        "pid_namespace": False,
-        "missing": [],
-    }
+    report = _new_report(cfg)
     try:
-        libc = _libc()
-        if root:
-            _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(CLONE_NEWNS|CLONE_NEWNET)")
-            report["network_namespace"] = True
-            _setup_mounts(libc, cfg, report)
-            report["mode"] = "root"
-        else:
-            try:
-                _check(
-                    libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET),
-                    "unshare(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWNET)",
-                )
-            except OSError as exc:
-                report["missing"] += [
-                    f"user namespace refused by the kernel ({exc.strerror}): "
-                    "no network namespace (network reachable)",
-                    "no mount namespace (the child can write wherever the caller's uid can; /tmp is shared)",
-                ]
-            else:
-                report["user_namespace"] = True
-                report["network_namespace"] = True
-                report["mode"] = "userns"
-                _write_id_maps(cfg["uid"], cfg["gid"])
-                try:
-                    _setup_mounts(libc, cfg, report)
-                except OSError as exc:
-                    report["missing"].append(f"mount namespace setup failed ({exc}): /tmp shared, host writable")
-            report["missing"].append(
-                f"no uid drop (not started as root): runs as uid {cfg['uid']} and can read that uid's "
-                "/proc/PID/environ of other processes"
-            )
-        _apply_rlimits(cfg, report, nproc=root)
-        if root:
-            os.setgroups([])
-            os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
-            os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
-            if os.getuid() == 0 or os.geteuid() == 0 or os.getresuid() != (cfg["uid"],) * 3:
-                raise OSError(errno.EPERM, "uid drop did not take effect")
-            try:
-                os.setuid(0)
-            except PermissionError:
-                pass
-            else:
-                raise OSError(errno.EPERM, "could regain uid 0 after dropping it")
-            report["uid_dropped"] = True
-        report["uid"], report["gid"] = os.geteuid(), os.getegid()
-        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        report["no_new_privs"] = True
-        # After the uid change (which clears it).
-        _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != cfg["parent_pid"]:
-            raise OSError(errno.ESRCH, "the spawning process is already gone")
-        report["pdeathsig"] = True
-        report["missing"].append("no PID namespace: other host processes are visible in /proc")
-        os.umask(0o022)
-        os.chdir(cfg["jobdir"])
-        os.makedirs(cfg["env"]["TMPDIR"], mode=0o700, exist_ok=True)
+        _setup(cfg, report)
     except BaseException as exc:  # noqa: BLE001 - any failure means: do not run the target
         send("ERR", f"{type(exc).__name__}: {exc}".replace("\n", " "))
         os._exit(_HELPER_EXIT_SETUP)
     send("OK", json.dumps(report))
+    # bwrap writes its --info-fd JSON on the same pipe and closes it; the weak target must not inherit it.
+    os.set_inheritable(status_fd, cfg["mode"] != "weak")
     try:
-        os.execvpe(argv[0], argv, cfg["env"])
+        os.execve(argv[0], argv, cfg["env"]) if os.path.isabs(argv[0]) else os.execvpe(argv[0], argv, cfg["env"])
     except OSError as exc:
         send("EXECFAIL", f"cannot execute {argv[0]!r}: {exc}".replace("\n", " "))
     os._exit(_HELPER_EXIT_EXEC)

@@ -21,9 +21,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy.exc import DBAPIError
 
@@ -33,26 +34,35 @@ from app.lifecycle import Claim, Outcome, heartbeat
 from app.recipes import Recipe
 from app.reports import check_guard, guard_message
 from app.storage import FULL_ERRNOS, BlobStore, make_store
-from worker import isolation
+from worker import isolation, uid_slots
 
 log = logging.getLogger("squeeze.supervisor")
 
 MODEL_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "package": ".zip", "hf": ".zip"}
 ARTIFACT_FORMATS = {"pt2", "onnx", "package", "hf", "safetensors", "json", "png"}
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
-MAX_LINE = 16 * 1024 * 1024
 STDERR_TAIL = 4000
+MAX_ERROR_MESSAGE = 4000
+
+
+class OutputLimit(Exception):
+    """The sandbox sent more than a job may: the job fails with `sandbox_output_limit`."""
 
 
 class _Relay(threading.Thread):
-    """Reads the child's protocol lines into a queue; a malformed line is reported, not trusted."""
+    """Reads the child's protocol lines into a queue; a malformed line is reported, not trusted. A line longer
+    than `max_line` ends the relay with an `overflow` message (the supervisor then kills the sandbox)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, max_line: int):
         super().__init__(daemon=True, name="sandbox-relay")
-        self.stream, self.lines = stream, queue_mod.Queue()
+        self.stream, self.lines, self.max_line = stream, queue_mod.Queue(), max_line
 
     def run(self) -> None:
-        for raw in iter(lambda: self.stream.readline(MAX_LINE), b""):
+        for raw in iter(lambda: self.stream.readline(self.max_line + 1), b""):
+            if len(raw) > self.max_line:
+                self.lines.put({"type": "overflow", "reason": f"a protocol line longer than {self.max_line} bytes "
+                                                              "(SQUEEZE_SANDBOX_MAX_LINE_BYTES)"})
+                break
             try:
                 msg = json.loads(raw)
                 if not isinstance(msg, dict):
@@ -61,6 +71,22 @@ class _Relay(threading.Thread):
                 msg = {"type": "invalid", "raw": raw[:200].decode("utf-8", "replace")}
             self.lines.put(msg)
         self.lines.put(None)
+
+
+class _EventBudget:
+    """Counts what the sandbox makes the supervisor store (events and their bytes) against the job's caps."""
+
+    def __init__(self, settings: Settings):
+        self.max_events, self.max_bytes = settings.sandbox_max_events, settings.sandbox_max_event_bytes
+        self.count = self.bytes = 0
+
+    def admit(self, name: str, message: str | None, data: dict[str, Any]) -> None:
+        self.count += 1
+        self.bytes += len(name) + len(message or "") + len(json.dumps(data, default=str))
+        if self.count > self.max_events:
+            raise OutputLimit(f"more than {self.max_events} events (SQUEEZE_SANDBOX_MAX_EVENTS)")
+        if self.bytes > self.max_bytes:
+            raise OutputLimit(f"more than {self.max_bytes} bytes of events (SQUEEZE_SANDBOX_MAX_EVENT_BYTES)")
 
 
 @dataclass(frozen=True)
@@ -100,14 +126,15 @@ def sandbox_memory(settings: Settings, input_bytes: int) -> MemoryBudget:
     return MemoryBudget(input_bytes, needed, min(cap, max(settings.sandbox_memory_bytes, needed)), cap)
 
 
-def _limits(settings: Settings, memory_bytes: int | None = None) -> isolation.SandboxLimits:
+def _limits(settings: Settings, memory_bytes: int | None = None, uid: int | None = None) -> isolation.SandboxLimits:
     return isolation.SandboxLimits(
         memory_bytes=memory_bytes or settings.sandbox_memory_bytes,
         # CPU time is a backstop to the wall-clock timeout: every core may burn it in parallel.
         cpu_seconds=int(settings.job_timeout_s * max(1, settings.threads)) + 60,
         file_bytes=settings.sandbox_file_bytes,
         max_processes=settings.sandbox_max_processes,
-        user=settings.sandbox_user,
+        uid=uid,
+        allow_weak=settings.sandbox_allow_weak,
     )
 
 
@@ -203,15 +230,46 @@ def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Ou
         stage(claim, jobdir, store, settings)
     except FileNotFoundError as exc:
         return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
-    limits = _limits(settings, memory.limit_bytes)
     log.info("job %s: sandbox memory limit %d bytes for %d bytes of models", claim.job_id, memory.limit_bytes,
              memory.input_bytes, extra=memory.as_event())
+    with _job_uid(settings) as uid:
+        try:
+            return _sandboxed(claim, settings, store, jobdir, memory, _limits(settings, memory.limit_bytes, uid))
+        finally:
+            _check_nothing_left(claim, uid)
+
+
+@contextmanager
+def _job_uid(settings: Settings) -> Iterator[int | None]:
+    """The job's own uid from the configured range when the worker is root (worker/uid_slots.py); else None."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    with uid_slots.slot(settings.sandbox_uid_first, settings.sandbox_uid_count, settings.sandbox_slot_dir) as uid:
+        yield uid
+
+
+def _check_nothing_left(claim: Claim, uid: int | None) -> None:
+    """After every job, success included: no process of the job's uid may be left on the host."""
+    if uid is None:
+        return
+    killed = uid_slots.kill_processes_of(uid)
+    if killed:
+        log.error("job %s: %d processes of sandbox uid %d outlived the job and were killed: %s", claim.job_id,
+                  len(killed), uid, killed)
+
+
+def _sandboxed(claim, settings: Settings, store, jobdir: Path, memory: MemoryBudget,
+               limits: isolation.SandboxLimits) -> Outcome | None:
     isolation.prepare_jobdir(jobdir, limits)
     stderr = open(jobdir.parent / f"{jobdir.name}.stderr", "w+b")
     try:
-        proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
-                               stdout=subprocess.PIPE, stderr=stderr,
-                               extra_env={"OMP_NUM_THREADS": str(settings.threads)})
+        try:
+            proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
+                                   stdout=subprocess.PIPE, stderr=stderr, hidden_paths=_server_paths(settings),
+                                   extra_env={"OMP_NUM_THREADS": str(settings.threads)})
+        except isolation.SandboxError as exc:
+            return Outcome("failed", "sandbox_unavailable", f"{exc}; last output: {_tail(stderr)[-1000:]}")
         try:
             return _supervise(claim, settings, store, jobdir, proc, stderr, memory)
         except BaseException:
@@ -222,15 +280,67 @@ def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Ou
         Path(stderr.name).unlink(missing_ok=True)
 
 
-def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudget) -> Outcome | None:
-    relay = _Relay(proc.stdout)
-    relay.start()
-    started = time.monotonic()
+def _server_paths(settings: Settings) -> list[Path]:
+    """The server's own folders: covered in the sandbox should a tree it reads (the venv, say) hold one."""
+    paths = [settings.data_dir]
+    if settings.blob_url.startswith("file://"):
+        paths.append(Path(settings.blob_url.removeprefix("file://")))
+    if settings.database_url.startswith("sqlite:///"):
+        paths.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
+    return paths
+
+
+def _tail(stderr) -> str:
+    stderr.seek(0, os.SEEK_END)
+    stderr.seek(max(0, stderr.tell() - STDERR_TAIL))
+    return stderr.read().decode("utf-8", "replace")
+
+
+@dataclass
+class _Stream:
+    """What the sandbox has said so far, each message checked and counted before anything is kept."""
+
+    budget: _EventBudget
+    progress: float = 0.0
+    stage: str = "starting"
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    progress, stage_name = 0.0, "starting"
+
+    def take(self, msg: dict[str, Any], events: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        kind = msg.get("type")
+        if kind == "progress":
+            p = msg.get("progress")
+            self.progress = float(p) if isinstance(p, (int, float)) else self.progress
+            new_stage = str(msg.get("stage") or self.stage)[:100]
+            if new_stage != self.stage:
+                self._event(events, "stage", str(msg.get("message") or new_stage)[:2000], {"stage": new_stage})
+            self.stage = new_stage
+        elif kind == "event":
+            data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+            message = msg.get("message")
+            self._event(events, str(msg.get("name") or "event")[:40],
+                        str(message)[:2000] if message is not None else None, data)
+        elif kind == "result":
+            self.result = msg
+        elif kind == "error":
+            self.error = msg
+        elif kind == "overflow":
+            raise OutputLimit(str(msg["reason"]))
+        else:
+            self._event(events, "protocol_error", f"unexpected line from the sandbox: {msg}"[:500], {})
+
+    def _event(self, events, name: str, message: str | None, data: dict[str, Any]) -> None:
+        self.budget.admit(name, message, data)
+        events.append((name, message, data))
+
+
+def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudget) -> Outcome | None:
+    relay = _Relay(proc.stdout, settings.sandbox_max_line_bytes)
+    relay.start()
+    started = time.monotonic()
+    said = _Stream(_EventBudget(settings))
     events: list[tuple[str, str | None, dict[str, Any]]] = [
-        ("sandbox", f"sandbox started (memory limit {_gib(memory.limit_bytes)})",
+        ("sandbox", f"sandbox started ({proc.isolation['mode']}, memory limit {_gib(memory.limit_bytes)})",
          {"isolation": getattr(proc, "isolation", None), **memory.as_event()})]
     next_beat, eof = 0.0, False
     confirmed = False  # a heartbeat got through after the sandbox's output ended: the lease is still ours
@@ -243,23 +353,12 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
         if msg is None:
             eof = True
         elif msg:
-            kind = msg.get("type")
-            if kind == "progress":
-                p = msg.get("progress")
-                progress = float(p) if isinstance(p, (int, float)) else progress
-                new_stage = str(msg.get("stage") or stage_name)[:100]
-                if new_stage != stage_name:
-                    events.append(("stage", str(msg.get("message") or new_stage)[:2000], {"stage": new_stage}))
-                stage_name = new_stage
-            elif kind == "event":
-                data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
-                events.append((str(msg.get("name") or "event")[:40], msg.get("message"), data))
-            elif kind == "result":
-                result = msg
-            elif kind == "error":
-                error = msg
-            else:
-                events.append(("protocol_error", f"unexpected line from the sandbox: {msg}"[:500], {}))
+            try:
+                said.take(msg, events)
+            except OutputLimit as exc:
+                _kill(proc)
+                return _output_limit(claim, exc)
+        progress, stage_name = said.progress, said.stage
         now = time.monotonic()
         if (eof or events or now >= next_beat) and (db_down_since is None or now >= next_beat):
             try:
@@ -295,6 +394,16 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
         if confirmed:  # the result is reported only while the database answers and the lease holds
             break
     code = proc.wait()
+    return _outcome(code, said.result, said.error, jobdir, store, settings, claim, stderr, memory)
+
+
+def _output_limit(claim, exc: OutputLimit) -> Outcome:
+    log.warning("job %s: sandbox output over its limit: %s", claim.job_id, exc)
+    return Outcome("failed", "sandbox_output_limit", f"the sandbox sent {exc}; the job was stopped. Send fewer "
+                                                     "or smaller events, or ask the operator to raise the limit")
+
+
+def _outcome(code, result, error, jobdir, store, settings, claim, stderr, memory) -> Outcome:
     if code == 0 and result is not None:
         artifacts = []
         try:
@@ -319,15 +428,23 @@ def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudge
                                artifacts=artifacts, engine_seconds=seconds)
         return Outcome("succeeded", metrics=metrics, artifacts=artifacts, engine_seconds=seconds)
     if error is not None and code != 0:
-        return Outcome("failed", str(error.get("code") or "engine_error")[:64], str(error.get("message"))[:4000])
-    stderr.seek(0, os.SEEK_END)
-    stderr.seek(max(0, stderr.tell() - STDERR_TAIL))
-    tail = stderr.read().decode("utf-8", "replace")
-    if code < 0:
-        sig = signal.Signals(-code).name
+        message = str(error.get("message"))
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[:MAX_ERROR_MESSAGE] + f" ... ({len(message) - MAX_ERROR_MESSAGE} characters cut)"
+        return Outcome("failed", str(error.get("code") or "engine_error")[:64], message)
+    tail = _tail(stderr)
+    if code < 0 or code > 128:  # bwrap exits 128 + N when its child dies of signal N
+        sig = _signal_name(-code if code < 0 else code - 128)
         return Outcome("failed", "resource_limit",
                        f"the sandbox was killed by {sig} (memory limit {memory.limit_bytes} bytes, "
                        f"CPU or file-size limit); last output: {tail[-1000:]}")
     if "MemoryError" in tail:
         return Outcome("failed", "resource_limit", f"the sandbox ran out of memory; last output: {tail[-1000:]}")
     return Outcome("failed", "sandbox_crashed", f"the sandbox exited with code {code}; last output: {tail[-1500:]}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
