@@ -54,10 +54,14 @@ CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port
 
 # ---------------------------------------------------------------- worker: celery + sandbox
 FROM base AS worker
+# bubblewrap is the sandbox (docs/security.md): without it the worker refuses to run model code.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bubblewrap \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=worker-build /opt/venv /opt/venv
-# No USER here on purpose: the supervisor starts as root only so that the sandbox can put the
-# untrusted model code in its own network namespace and drop it to the unprivileged `nobody`
-# uid (DESIGN.md §6); the model code itself never runs as root. umask 0002 keeps what the
-# worker writes to the shared /data volume group-writable for the API's `squeeze` user.
+# No USER here on purpose: the supervisor starts as root only so that each job's sandbox gets a
+# uid of its own (SQUEEZE_SANDBOX_UID_FIRST..+COUNT) before bubblewrap puts it in its own
+# namespaces (docs/security.md); the model code itself never runs as root. The worker makes its
+# own files 0600 (blobs live in the bucket; its /data is scratch space of its own).
 HEALTHCHECK NONE
-CMD ["sh", "-c", "umask 0002 && exec celery -A worker.celery_app worker -Q cpu,gpu --loglevel INFO"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "cpu,gpu", "--loglevel", "INFO"]

@@ -10,6 +10,9 @@ install: $(STAMP)
 
 # torch is pinned exactly in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null; } \
+	  || { echo "Squeeze runs model code in bubblewrap: install it (apt-get install bubblewrap)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[worker,test]'
