@@ -55,6 +55,8 @@ CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port
 # ---------------------------------------------------------------- worker: celery + sandbox
 FROM base AS worker
 # bubblewrap is the sandbox (docs/security.md): without it the worker refuses to run model code.
+# Unpinned on purpose: the base image's Debian release decides the version, and its security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends bubblewrap \
  && rm -rf /var/lib/apt/lists/*
@@ -64,4 +66,4 @@ COPY --from=worker-build /opt/venv /opt/venv
 # namespaces (docs/security.md); the model code itself never runs as root. The worker makes its
 # own files 0600 (blobs live in the bucket; its /data is scratch space of its own).
 HEALTHCHECK NONE
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "cpu,gpu", "--loglevel", "INFO"]
+CMD ["sh", "-c", "exec celery -A worker.celery_app worker -Q cpu,gpu --loglevel INFO"]
