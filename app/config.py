@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     # one job may take on the worker host (its RAM / worker_concurrency).
     sandbox_memory_max_bytes: int = Field(32 * GiB, gt=0)
     sandbox_file_bytes: int = Field(16 * GiB, gt=0)
-    sandbox_max_processes: int = Field(4096, gt=0)
+    # Per job (its own uid): processes and threads; torch and ONNX Runtime start about two threads per core.
+    sandbox_max_processes: int = Field(1024, gt=0)
     # A worker run as root gives each running job its own uid from this range (docs/security.md): the job's files,
     # its RLIMIT_NPROC and its signals are its own. The range needs no passwd entries; make it at least the number
     # of job slots on the host and keep it clear of real users. Slots are held by flock in sandbox_slot_dir.
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
     # Without bubblewrap the worker refuses to run model code. True lets it run with rlimits, an empty environment
     # and its own session only (no namespaces: host files, processes and network reachable): a single-user laptop.
     sandbox_allow_weak: bool = False
+    # Sandboxes each worker process keeps started ahead of their job (interpreter up, torch and ONNX Runtime
+    # imported), made while it runs no job; each runs one job only. 0: every job starts its own.
+    sandbox_warm: int = Field(1, ge=0, le=8)
     # What one job's sandbox may make the supervisor store: events (count, bytes of message + data) and any one
     # protocol line (the result included). Past a cap the job fails with `sandbox_output_limit`.
     sandbox_max_events: int = Field(1000, ge=10)

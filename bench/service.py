@@ -10,6 +10,7 @@ import multiprocessing
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -212,9 +213,11 @@ def bench_get_job(workdir: Path, clients: int = 8, seconds: float = 10.0, api_pr
     return {**result, "database": "postgresql", "api_processes": api_processes}
 
 
-def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5) -> dict:
-    """Wall time of a small prune job (submit -> finished) minus the engine's own time in the sandbox."""
-    stack = _stack(workdir, backend, f"overhead-{backend}", **FAST)
+def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5, warm: bool = False) -> dict:
+    """Wall time of a small prune job (submit -> finished) minus the engine's own time in the sandbox. warm: each
+    job is sent once the worker's warm sandbox is ready (a job arriving at an idle worker); else none is kept."""
+    stack = _stack(workdir, backend, f"overhead-{backend}-{'warm' if warm else 'cold'}", **FAST,
+                   SQUEEZE_SANDBOX_WARM="1" if warm else "0")
     x_train, _, x_test, y_test = modelzoo.digits_split()
     mlp = modelzoo.train_mlp()
     pt2 = modelzoo.export_pt2(mlp, x_test, workdir / "mlp.pt2")
@@ -226,18 +229,44 @@ def bench_job_overhead(workdir: Path, backend: str, jobs: int = 5) -> dict:
         model = client.post("/v1/models", params={"name": "mlp.pt2"}, content=pt2.read_bytes()).json()
         ds = client.post("/v1/datasets", params={"name": "eval.npz"}, content=eval_npz.read_bytes()).json()
         rows = []
-        for _ in range(jobs):
+        for n in range(jobs):
+            if warm:
+                _wait_warm_sandboxes(stack, n + 1)
             job = client.post("/v1/jobs", json={"model_id": model["id"], "datasets": {"eval": ds["id"]},
                                                 "recipe": {"steps": [{"type": "prune", "sparsity": 0.5}],
                                                            "evaluate": {"repeats": 5}}}).json()
             done = wait_for(client, job["id"], timeout=300, interval=0.01)
             assert done["status"] == "succeeded", done["error"]
+            events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+            sandbox = next(e for e in events if e["type"] == "sandbox")["data"]["isolation"]
             wall = _ts(done["finished_at"]) - _ts(done["created_at"])
             engine = done["engine_seconds"]
-            rows.append({"wall_s": round(wall, 3), "engine_s": round(engine, 3),
+            rows.append({"wall_s": round(wall, 3), "engine_s": round(engine, 3), "warm": sandbox["warm"],
                          "queue_s": round(_ts(done["started_at"]) - _ts(done["created_at"]), 3),
                          "overhead_s": round(wall - engine, 3)})
     finally:
         stack.stop()
-    return {"backend": backend, "jobs": rows, "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
+    return {"backend": backend, "warm": warm, "jobs": rows,
+            "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
             "median_wall_s": statistics.median(r["wall_s"] for r in rows)}
+
+
+def _wait_warm_sandboxes(stack: Stack, count: int, timeout: float = 120) -> None:
+    """Until the worker's log says `count` warm sandboxes were made ready (worker/launch.py)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = stack.log_dir / "worker0.log"
+        if log.exists() and log.read_text(errors="replace").count("warm sandbox ready") >= count:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no warm sandbox {count} in {timeout} s; see {stack.log_dir}")
+
+
+def bench_fresh_imports(runs: int = 3) -> dict:
+    """What a warm sandbox saves: a fresh interpreter importing torch, onnx and onnxruntime."""
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-I", "-c", "import torch, onnx, onnxruntime"], check=True)
+        times.append(round(time.perf_counter() - began, 3))
+    return {"runs_s": times, "median_s": statistics.median(times)}

@@ -4,6 +4,7 @@ team's job beside it is untouched. tests/worker/test_isolation.py attacks the sa
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -167,3 +168,43 @@ def test_two_fork_bombs_do_not_starve_another_team(stack_factory, digits_files, 
         job = wait_for(attacker, job_id, timeout=240)
         assert job["status"] == "failed" and "forked" in job["error"]["message"], job["error"]
         assert int(job["error"]["message"].rsplit("forked ", 1)[1].split()[0]) < 256
+
+
+LEFTOVER_SOURCE = '''
+import os
+seen = [p for p in ("/tmp/left-by-a-job", "/dev/shm/left-by-a-job", "/var/tmp/left-by-a-job") if os.path.exists(p)]
+for path in ("/tmp/left-by-a-job", "/dev/shm/left-by-a-job", "/var/tmp/left-by-a-job"):
+    open(path, "w").write("a previous job was here")
+
+def build_model():
+    raise RuntimeError(f"LEFTOVERS {seen}")
+'''
+
+
+def _warm_ready(stack, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    log = stack.log_dir / "worker0.log"
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text(errors="replace").count("warm sandbox ready") >= count:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the worker made no warm sandbox number {count}")
+
+
+def test_warm_sandboxes_serve_one_job_each_and_carry_nothing_across_teams(stack_factory, digits_files, tmp_path):
+    stack = stack_factory("sqlite", **FAST_REAPER)  # SQUEEZE_SANDBOX_WARM defaults to 1
+    stack.start_api()
+    stack.start_worker(concurrency=1)
+    package = _package(tmp_path, LEFTOVER_SOURCE)
+    seen = []
+    for n, team in enumerate(("first-team", "second-team")):
+        _warm_ready(stack, n + 1)
+        client = stack.client(new_team_key(stack.admin, team))
+        job = wait_for(client, _submit(client, package, digits_files["eval"]), timeout=240)
+        assert job["status"] == "failed" and "LEFTOVERS" in job["error"]["message"], job["error"]
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        sandbox = next(e for e in events if e["type"] == "sandbox")["data"]["isolation"]
+        assert sandbox["warm"] is True
+        seen.append((job["error"]["message"].split("LEFTOVERS ", 1)[1].strip(), sandbox["host_pid"]))
+    assert seen[0][0] == "[]" and seen[1][0] == "[]", seen  # nothing the first job wrote reached the second
+    assert seen[0][1] != seen[1][1]  # two sandbox processes, one job each

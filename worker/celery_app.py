@@ -10,6 +10,7 @@ from app.lifecycle import start_reaper
 from app.logging_setup import configure_logging
 from app.queue import celery_config
 from app.storage import secure_data_dir
+from worker import launch
 
 celery = Celery("squeeze", include=["worker.tasks"])
 celery.conf.update(
@@ -40,9 +41,11 @@ def _secure_files(**_):  # before the pool forks: every process of the worker cr
 def _start_reaper(**_):
     global _reaper_stop
     _reaper_stop = start_reaper()
+    launch.start_pool(get_settings())  # warm sandboxes (docs/security.md)
 
 
 @worker_shutting_down.connect
 def _stop_reaper(**_):
+    launch.stop_pool()
     if _reaper_stop is not None:
         _reaper_stop.set()

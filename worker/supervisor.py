@@ -14,17 +14,13 @@ import math
 import os
 import queue as queue_mod
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -34,7 +30,7 @@ from app.lifecycle import Claim, Outcome, heartbeat
 from app.recipes import Recipe
 from app.reports import check_guard, guard_message
 from app.storage import FULL_ERRNOS, BlobStore, make_store
-from worker import isolation, uid_slots
+from worker import isolation, launch
 
 log = logging.getLogger("squeeze.supervisor")
 
@@ -126,24 +122,10 @@ def sandbox_memory(settings: Settings, input_bytes: int) -> MemoryBudget:
     return MemoryBudget(input_bytes, needed, min(cap, max(settings.sandbox_memory_bytes, needed)), cap)
 
 
-def _limits(settings: Settings, memory_bytes: int | None = None, uid: int | None = None) -> isolation.SandboxLimits:
-    return isolation.SandboxLimits(
-        memory_bytes=memory_bytes or settings.sandbox_memory_bytes,
-        # CPU time is a backstop to the wall-clock timeout: every core may burn it in parallel.
-        cpu_seconds=int(settings.job_timeout_s * max(1, settings.threads)) + 60,
-        file_bytes=settings.sandbox_file_bytes,
-        max_processes=settings.sandbox_max_processes,
-        uid=uid,
-        allow_weak=settings.sandbox_allow_weak,
-    )
-
-
 def stage(claim: Claim, jobdir: Path, store: BlobStore, settings: Settings) -> None:
     """Pulls the inputs from the blob store into the job directory (no disk shared with the API assumed)."""
-    if jobdir.exists():
-        shutil.rmtree(jobdir)
-    (jobdir / "inputs").mkdir(parents=True)
-    (jobdir / "out").mkdir()
+    (jobdir / "inputs").mkdir(exist_ok=True)
+    (jobdir / "out").mkdir(exist_ok=True)
     model_rel = f"inputs/model{MODEL_SUFFIX[claim.model_format]}"
     store.fetch(claim.model_sha256, jobdir / model_rel)
     datasets = {}
@@ -205,17 +187,18 @@ def run(claim: Claim, settings: Settings | None = None, store: BlobStore | None 
     """Runs the job to an Outcome; None when the lease was lost (another attempt owns the job)."""
     settings = settings or get_settings()
     store = store or make_store(settings)
-    jobdir = settings.jobs_dir / f"{claim.job_id}-{claim.attempt}"
+    warm = launch.pool()
     try:
-        return _run(claim, settings, store, jobdir)
+        return _run(claim, settings, store, warm)
     except Exception as exc:
         log.exception("job %s: supervisor error", claim.job_id)
         return Outcome("failed", "internal", f"supervisor error: {type(exc).__name__}: {exc}")
     finally:
-        shutil.rmtree(jobdir, ignore_errors=True)
+        if warm is not None:
+            warm.job_done()
 
 
-def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Outcome | None:
+def _run(claim: Claim, settings: Settings, store: BlobStore, warm: launch.WarmPool | None) -> Outcome | None:
     try:
         # Sized from the blob store, before staging: a model too big for this worker fails in a second, not after
         # a multi-GB copy and an OOM kill.
@@ -226,68 +209,23 @@ def _run(claim: Claim, settings: Settings, store: BlobStore, jobdir: Path) -> Ou
     if not memory.fits:
         log.warning("job %s: refused, %s", claim.job_id, memory.refusal(settings))
         return Outcome("failed", "resource_limit", memory.refusal(settings))
-    try:
-        stage(claim, jobdir, store, settings)
-    except FileNotFoundError as exc:
-        return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
     log.info("job %s: sandbox memory limit %d bytes for %d bytes of models", claim.job_id, memory.limit_bytes,
              memory.input_bytes, extra=memory.as_event())
-    with _job_uid(settings) as uid:
+    sandbox = warm.take(memory.limit_bytes) if warm is not None else None
+    if sandbox is None:
         try:
-            return _sandboxed(claim, settings, store, jobdir, memory, _limits(settings, memory.limit_bytes, uid))
-        finally:
-            _check_nothing_left(claim, uid)
-
-
-@contextmanager
-def _job_uid(settings: Settings) -> Iterator[int | None]:
-    """The job's own uid from the configured range when the worker is root (worker/uid_slots.py); else None."""
-    if os.geteuid() != 0:
-        yield None
-        return
-    with uid_slots.slot(settings.sandbox_uid_first, settings.sandbox_uid_count, settings.sandbox_slot_dir) as uid:
-        yield uid
-
-
-def _check_nothing_left(claim: Claim, uid: int | None) -> None:
-    """After every job, success included: no process of the job's uid may be left on the host."""
-    if uid is None:
-        return
-    killed = uid_slots.kill_processes_of(uid)
-    if killed:
-        log.error("job %s: %d processes of sandbox uid %d outlived the job and were killed: %s", claim.job_id,
-                  len(killed), uid, killed)
-
-
-def _sandboxed(claim, settings: Settings, store, jobdir: Path, memory: MemoryBudget,
-               limits: isolation.SandboxLimits) -> Outcome | None:
-    isolation.prepare_jobdir(jobdir, limits)
-    stderr = open(jobdir.parent / f"{jobdir.name}.stderr", "w+b")
+            sandbox = launch.start(settings, f"{claim.job_id}-{claim.attempt}", memory.limit_bytes)
+        except isolation.SandboxError as exc:
+            return Outcome("failed", "sandbox_unavailable", str(exc))
     try:
         try:
-            proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", str(jobdir)], jobdir, limits,
-                                   stdout=subprocess.PIPE, stderr=stderr, hidden_paths=_server_paths(settings),
-                                   extra_env={"OMP_NUM_THREADS": str(settings.threads)})
-        except isolation.SandboxError as exc:
-            return Outcome("failed", "sandbox_unavailable", f"{exc}; last output: {_tail(stderr)[-1000:]}")
-        try:
-            return _supervise(claim, settings, store, jobdir, proc, stderr, memory)
-        except BaseException:
-            _kill(proc)  # no sandbox outlives the supervisor's interest in it
-            raise
+            stage(claim, sandbox.jobdir, store, settings)  # while a cold sandbox imports torch
+        except FileNotFoundError as exc:
+            return Outcome("failed", "input_missing", f"a stored input is missing: {exc}")
+        sandbox.go()
+        return _supervise(claim, settings, store, sandbox, memory)
     finally:
-        stderr.close()
-        Path(stderr.name).unlink(missing_ok=True)
-
-
-def _server_paths(settings: Settings) -> list[Path]:
-    """The server's own folders: covered in the sandbox should a tree it reads (the venv, say) hold one."""
-    paths = [settings.data_dir]
-    if settings.blob_url.startswith("file://"):
-        paths.append(Path(settings.blob_url.removeprefix("file://")))
-    if settings.database_url.startswith("sqlite:///"):
-        paths.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
-    return paths
+        sandbox.close(claim.job_id)  # on every path: nothing of the job outlives it
 
 
 def _tail(stderr) -> str:
@@ -324,6 +262,8 @@ class _Stream:
             self.result = msg
         elif kind == "error":
             self.error = msg
+        elif kind == "ready":
+            pass  # the sandbox finished its imports (a cold start says so after `go` was already sent)
         elif kind == "overflow":
             raise OutputLimit(str(msg["reason"]))
         else:
@@ -334,14 +274,15 @@ class _Stream:
         events.append((name, message, data))
 
 
-def _supervise(claim, settings, store, jobdir, proc, stderr, memory: MemoryBudget) -> Outcome | None:
+def _supervise(claim, settings, store, sandbox: launch.Sandbox, memory: MemoryBudget) -> Outcome | None:
+    proc, jobdir, stderr = sandbox.proc, sandbox.jobdir, sandbox.stderr
     relay = _Relay(proc.stdout, settings.sandbox_max_line_bytes)
     relay.start()
     started = time.monotonic()
     said = _Stream(_EventBudget(settings))
     events: list[tuple[str, str | None, dict[str, Any]]] = [
-        ("sandbox", f"sandbox started ({proc.isolation['mode']}, memory limit {_gib(memory.limit_bytes)})",
-         {"isolation": getattr(proc, "isolation", None), **memory.as_event()})]
+        ("sandbox", f"sandbox {'warm' if sandbox.warm else 'started'} ({proc.isolation['mode']}, memory limit "
+                    f"{_gib(memory.limit_bytes)})", {"isolation": sandbox.describe(), **memory.as_event()})]
     next_beat, eof = 0.0, False
     confirmed = False  # a heartbeat got through after the sandbox's output ended: the lease is still ours
     db_down_since: float | None = None
