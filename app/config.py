@@ -103,9 +103,19 @@ class Settings(BaseSettings):
     # A sweep's grid may expand to at most this many points (one job each).
     sweep_max_points: int = Field(64, ge=1)
     worker_concurrency: int = Field(2, ge=1)
-    # At most this many running jobs per team (0: no limit); a worker that claims past it puts the job back on its
-    # queue for team_defer_s and takes the next message.
-    team_max_running: int = Field(0, ge=0)
+    # Fairness between teams. Each team_max_* / team_uploads_per_minute below is the server's default; an admin may
+    # set a team's own value (PATCH /v1/teams/{team}/limits). 0: no limit (except team_max_priority).
+    # At most this many running jobs per team; a worker that claims past it puts the job back on its queue for
+    # team_defer_s and takes the next message (other teams' jobs start at once).
+    team_max_running: int = Field(2, ge=0)
+    # At most this many queued jobs per team: a submission past it (a sweep: all its points) is a 429.
+    team_max_queued: int = Field(100, ge=0)
+    # Bytes of uploaded models and datasets a team keeps stored (deleted ones free theirs): past it, a 429.
+    team_max_upload_bytes: int = Field(50 * GiB, ge=0)
+    # Uploads (models and datasets stored) per team in any 60 s: past it, a 429 with Retry-After.
+    team_uploads_per_minute: int = Field(30, ge=0)
+    # The highest job priority (0-9) a team may ask for: above it, a 422 naming the team's maximum.
+    team_max_priority: int = Field(5, ge=0, le=9)
     team_defer_s: float = Field(2.0, gt=0)
     host: str = "127.0.0.1"
     port: int = 8000

@@ -47,7 +47,7 @@ class Claim:
 
 
 class TeamBusy(Exception):
-    """The job's team already runs `team_limit` jobs: the job stays queued and its message should come back
+    """The job's team already runs its limit of jobs: the job stays queued and its message should come back
     later (to `queue`); its `enqueued_at` is bumped, so the reaper re-sends it only if that message is lost."""
 
     def __init__(self, job_id: str, queue: str, priority: int):
@@ -58,24 +58,36 @@ class TeamBusy(Exception):
 TEAM_WAIT_STAGE = "waiting: the team is at its running-jobs limit"
 
 
+def _team_cap(db: Session, job_id: str, default: int) -> tuple[str, int] | None:
+    """(team id, its running-jobs limit) of a queued job: the team's own max_running where an admin set one, else
+    `default`; None when the job is not queued."""
+    row = db.execute(select(Job.team_id, Team.max_running).join(Team, Team.id == Job.team_id)
+                     .where(Job.id == job_id, Job.status == "queued")).one_or_none()
+    if row is None:
+        return None
+    return row.team_id, default if row.max_running is None else row.max_running
+
+
 def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim | None:
     """Atomically takes a queued job; None when it is not queued (a duplicate delivery, a cancel).
-    With `team_limit` > 0, raises TeamBusy instead of taking it while the team has that many jobs running."""
+    While the team has its limit of jobs running (its own max_running, else `team_limit`, the server's
+    SQUEEZE_TEAM_MAX_RUNNING; 0: none), raises TeamBusy instead of taking it."""
     lease = secrets.token_hex(8)
     now = utcnow()
     conditions = [Job.id == job_id, Job.status == "queued"]
-    if team_limit:
-        team_id = db.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == "queued"))
-        if team_id is None:
-            db.rollback()
-            return None
+    cap = _team_cap(db, job_id, team_limit)
+    if cap is None:
+        db.rollback()
+        return None
+    team_id, limit = cap
+    if limit:
         # PostgreSQL: a team's claims take turns on its row, so the count below (a fresh snapshot per statement)
         # sees every claim committed before; SQLite runs the one UPDATE under its write lock anyway.
         db.execute(select(Team.id).where(Team.id == team_id).with_for_update())
         other = aliased(Job)  # not correlated with the row being updated
         running = (select(func.count()).select_from(other)
                    .where(other.team_id == team_id, other.status.in_(ACTIVE)).scalar_subquery())
-        conditions.append(running < team_limit)
+        conditions.append(running < limit)
     taken = db.execute(
         update(Job).where(*conditions)
         .values(status="running", lease=lease, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
@@ -83,7 +95,7 @@ def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim |
     ).rowcount
     if not taken:
         waiting = db.execute(select(Job.queue, Job.priority).where(Job.id == job_id, Job.status == "queued")
-                             ).one_or_none() if team_limit else None
+                             ).one_or_none() if limit else None
         if waiting is None:
             db.rollback()
             return None

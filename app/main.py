@@ -15,7 +15,8 @@ from app.db import session_scope
 from app.lifecycle import start_reaper
 from app.logging_setup import RequestContextMiddleware, configure_logging
 from app.metrics import HttpMetricsMiddleware
-from app.routes import comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, webhooks
+from app.routes import (comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, teams,
+                        webhooks)
 
 log = logging.getLogger("squeeze.api")
 
@@ -42,6 +43,6 @@ def create_app() -> FastAPI:
     security.install(app)  # headers, body caps, CORS: inside the metrics and request-id layers
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # outermost: its request id covers every log line of the request
-    for module in (health, keys, models, comparison, datasets, jobs, sweeps, recipes, webhooks, dashboard):
+    for module in (health, keys, teams, models, comparison, datasets, jobs, sweeps, recipes, webhooks, dashboard):
         app.include_router(module.router)
     return app

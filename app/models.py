@@ -23,6 +23,12 @@ class Team(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Signs deliveries of per-job webhooks submitted without their own secret (POST /v1/webhooks/signing-secret).
     webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # Per-team limits set by an admin (PATCH /v1/teams/{team}/limits); NULL: the server's SQUEEZE_TEAM_* default.
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    uploads_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKey(Base):

@@ -7,7 +7,7 @@ evaluate. Adding a technique means one spec here and one registered pass in work
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
@@ -15,6 +15,13 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 ModelFormat = Literal["pt2", "onnx", "package", "hf"]
 OutputFormat = Literal["pt2", "onnx", "package", "hf", "safetensors"]
 Runtime = Literal["torch", "torch-compile", "onnxruntime"]
+# Caps on every list a recipe holds, so that one job cannot take a worker for hours: timing is batch sizes x
+# repeats x runtimes x models, and each name pattern is matched against every parameter.
+MAX_BATCH_SIZES = 8
+MAX_BATCH_SIZE = 1024
+MAX_REPEATS = 200
+MAX_PATTERNS = 256
+Pattern = Annotated[str, Field(max_length=200)]
 
 # Which output formats each input format can produce. ONNX cannot go back to a torch graph.
 OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
@@ -43,10 +50,12 @@ class Strict(BaseModel):
 class StepSpec(Strict):
     """Fields every step has: which modules/parameters it applies to (fnmatch patterns on names)."""
 
-    targets: list[str] | None = Field(
-        None, description="Only parameters whose name matches one of these patterns (default: all eligible)."
+    targets: list[Pattern] | None = Field(
+        None, max_length=MAX_PATTERNS,
+        description="Only parameters whose name matches one of these patterns (default: all eligible)."
     )
-    ignore: list[str] = Field(default_factory=list, description="Parameters whose name matches are left alone.")
+    ignore: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                  description="Parameters whose name matches are left alone.")
 
     def selects(self, name: str) -> bool:
         """Whether `name` matches a target (every name when targets is None) and no ignore pattern."""
@@ -205,11 +214,12 @@ class QuantizeSpec(StepSpec):
         None, description="weight_int4 (default 128) and weight_int8 (default: per channel): weights share a "
                           "scale in groups of this many along the input dimension.")
     keep_float: list[KeepFloat] | None = Field(
-        None, description="Layer kinds left in float: first (takes the model input), last (produces the output), "
-                          "norm (normalization ops). Default: first+last+norm for static_int8 (with ONNX output "
-                          "the first layer is also timed in int8 and quantized where that is faster; the step's "
-                          "notes say which), last+norm for the other int8/int4 methods, norm for binary. Given "
-                          "explicitly, it is followed as is. `targets`/`ignore` select among the rest.")
+        None, max_length=len(get_args(KeepFloat)),
+        description="Layer kinds left in float: first (takes the model input), last (produces the output), "
+                    "norm (normalization ops). Default: first+last+norm for static_int8 (with ONNX output "
+                    "the first layer is also timed in int8 and quantized where that is faster; the step's "
+                    "notes say which), last+norm for the other int8/int4 methods, norm for binary. Given "
+                    "explicitly, it is followed as is. `targets`/`ignore` select among the rest.")
 
     @model_validator(mode="after")
     def _group_size_fits(self) -> "QuantizeSpec":
@@ -260,11 +270,14 @@ FIXED_ARCHITECTURE_OUTPUTS = ("package", "safetensors")
 
 class EvaluateSpec(Strict):
     dataset: Literal["eval", "calibration", "train"] = "eval"
-    runtimes: list[Runtime] | None = Field(None, description="Default: the native runtime of each format.")
-    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 32], min_length=1)
-    repeats: int = Field(20, ge=1, le=1000, description="Timed runs per batch size (median and p90 reported).")
+    runtimes: list[Runtime] | None = Field(None, max_length=len(get_args(Runtime)),
+                                           description="Default: the native runtime of each format.")
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)]] = Field(
+        default_factory=lambda: [1, 32], min_length=1, max_length=MAX_BATCH_SIZES,
+        description=f"Batch sizes timed (at most {MAX_BATCH_SIZES}, each at most {MAX_BATCH_SIZE}).")
+    repeats: int = Field(20, ge=1, le=MAX_REPEATS, description="Timed runs per batch size (median and p90 reported).")
     warmup: int = Field(3, ge=0, le=100)
-    max_samples: int = Field(10_000, ge=1, description="Cap on eval samples used for accuracy/agreement.")
+    max_samples: int = Field(10_000, ge=1, le=1_000_000, description="Cap on eval samples used for accuracy/agreement.")
     threads: int | None = Field(None, ge=1, le=1024, description=(
         "Intra-op threads each runtime gets while the original and the result are measured, as the model will be "
         "served (one per replica is common). Default: all the sandbox has (SQUEEZE_SANDBOX_THREADS); more than "
@@ -282,8 +295,8 @@ class GuardSpec(Strict):
                                                                                    "(the smallest artifact).")
     runtime: Runtime | None = Field(None, description="Runtime min_speedup is read on (default: the first timed "
                                                       "on both original and result).")
-    batch_size: int | None = Field(None, ge=1, le=4096, description="Batch min_speedup is read at (default: the "
-                                                                    "largest timed).")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Batch min_speedup is read at "
+                                                                              "(default: the largest timed).")
 
     @model_validator(mode="after")
     def _has_a_bound(self) -> "GuardSpec":
@@ -308,8 +321,9 @@ class Recipe(Strict):
     version: Literal[1] = 1
     steps: list[Step] = Field(..., min_length=1, max_length=32)
     outputs: list[OutputFormat] | None = Field(
-        None, description="Default: the input model's format. `safetensors` writes compact storage (bitmask + "
-                          "values for sparse weights, codebook + packed indices for clustered ones) with a manifest.")
+        None, max_length=len(get_args(OutputFormat)),
+        description="Default: the input model's format. `safetensors` writes compact storage (bitmask + "
+                    "values for sparse weights, codebook + packed indices for clustered ones) with a manifest.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     guard: GuardSpec | None = None
     device: Literal["auto", "cpu", "cuda"] = Field(

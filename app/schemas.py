@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app import models
 from app.recipes import Objective, Runtime
 
 DEFAULT_PRIORITY = models.DEFAULT_PRIORITY
 PRIORITY_HELP = ("0 (lowest) to 9 (highest): among the jobs waiting on the same queue, higher runs first with the "
-                 "Redis broker (the embedded filesystem broker keeps submit order). Running jobs are not preempted.")
+                 "Redis broker (the embedded filesystem broker keeps submit order). Running jobs are not preempted. "
+                 "Above the team's maximum (SQUEEZE_TEAM_MAX_PRIORITY, 5 by default; an admin may raise it per "
+                 "team) is a 422.")
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}}
 
 
 class ErrorDetail(BaseModel):
@@ -27,7 +30,7 @@ class ErrorBody(BaseModel):
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """Documents the error responses of a route (every route declares its own)."""
-    return {s: {"model": ErrorBody} for s in statuses}
+    return {s: {"model": ErrorBody, **({"headers": RETRY_AFTER} if s == 429 else {})} for s in statuses}
 
 
 class KeyCreate(BaseModel):
@@ -49,6 +52,48 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     key: str = Field(..., description="The secret; shown only in this response.")
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read false as 0: "no limit"
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+LimitValue = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
+class TeamLimitsUpdate(BaseModel):
+    """A team's own limits; a field left out stays as it is, null puts the server's default back. 0: no limit
+    (max_priority: the highest priority level, 0-9)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_running: LimitValue | None = Field(None, ge=0, le=100_000, description="Running jobs at once.")
+    max_queued: LimitValue | None = Field(None, ge=0, le=1_000_000, description="Queued jobs at once.")
+    max_upload_bytes: LimitValue | None = Field(None, ge=0, le=2**50, description="Bytes of models and datasets "
+                                                                                  "stored.")
+    uploads_per_minute: LimitValue | None = Field(None, ge=0, le=1_000_000, description="Uploads in any 60 s.")
+    max_priority: LimitValue | None = Field(None, ge=0, le=9, description="The highest job priority the team may "
+                                                                          "use.")
+
+
+class TeamUsage(BaseModel):
+    running: int
+    queued: int
+    upload_bytes: int
+    uploads_last_minute: int
+
+
+class TeamLimits(BaseModel):
+    team: str
+    max_running: int
+    max_queued: int
+    max_upload_bytes: int
+    uploads_per_minute: int
+    max_priority: int
+    overridden: list[str] = Field(..., description="The limits set for this team (the others: the server's "
+                                                    "SQUEEZE_TEAM_* defaults).")
+    usage: TeamUsage
 
 
 class FileOut(BaseModel):

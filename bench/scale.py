@@ -38,11 +38,13 @@ def _wait_ready(stack: Stack, count: int, timeout: float = 120) -> None:
 
 def fleet_stack(workdir: Path, s3: S3Server, workers: int, **settings: str) -> Stack:
     """A started API (its own data dir) and `workers` workers (one data dir each, concurrency 1), blobs in a
-    fresh bucket on `s3`: nothing on disk is shared between them."""
+    fresh bucket on `s3`: nothing on disk is shared between them. The fleet's jobs are one team's, so no per-team
+    running-jobs limit unless `settings` sets one."""
     api_dir = workdir / "api-data"
     api_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(make_backend("postgres", api_dir), api_dir, workdir,
-                  **s3.settings(s3.new_bucket()), **{"SQUEEZE_SANDBOX_THREADS": "1", **settings})
+                  **s3.settings(s3.new_bucket()),
+                  **{"SQUEEZE_SANDBOX_THREADS": "1", "SQUEEZE_TEAM_MAX_RUNNING": "0", **settings})
     stack.start_api()
     for i in range(workers):
         wdir = workdir / f"worker{i}-data"

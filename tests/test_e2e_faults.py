@@ -32,8 +32,10 @@ from tests.stack import PrivatePostgres, PrivateRedis, ServiceUnavailable, Stack
 
 # A 4 s heartbeat timeout (tests/test_e2e.py's FAST_REAPER) requeues live jobs when 20 of them load two cores;
 # 10 s does not, and still reaps a killed worker's jobs within a test's patience.
+# One team runs the whole load here: no per-team running or upload-rate limit (the defaults are 2 and 30 a minute).
 REAPER = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_HEARTBEAT_TIMEOUT_S": "10",
-          "SQUEEZE_REAPER_INTERVAL_S": "1", "SQUEEZE_REQUEUE_AFTER_S": "10", "SQUEEZE_SANDBOX_THREADS": "1"}
+          "SQUEEZE_REAPER_INTERVAL_S": "1", "SQUEEZE_REQUEUE_AFTER_S": "10", "SQUEEZE_SANDBOX_THREADS": "1",
+          "SQUEEZE_TEAM_MAX_RUNNING": "0", "SQUEEZE_TEAM_UPLOADS_PER_MINUTE": "0"}
 # The cheapest real job: a package in, a package out, one timed run, no dataset.
 LEAN_RECIPE = {"steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}], "outputs": ["package"],
                "evaluate": {"batch_sizes": [1], "repeats": 1, "warmup": 0}}

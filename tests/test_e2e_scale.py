@@ -112,6 +112,9 @@ def test_higher_priority_jobs_leave_the_queue_first(services, stack_factory, tmp
     stack.start_api()
     client = stack.client(new_team_key(stack.admin, "ranked"))
     model = client.post("/v1/models", params={"name": "mlp.pt2"}, content=pt2.read_bytes()).json()
+    assert client.post("/v1/jobs", json={"model_id": model["id"], "recipe": SMALL_JOB,
+                                         "priority": 9}).status_code == 422  # above the default maximum, 5
+    assert stack.admin.patch("/v1/teams/ranked/limits", json={"max_priority": 9}).status_code == 200
     submitted = []
     for priority in (1, 1, 5, 9, 1, 5):
         r = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": SMALL_JOB, "priority": priority})

@@ -5,18 +5,19 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.db import get_db, get_read_db
 from app.errors import APIError
 from app.models import Dataset, Model
 from app.schemas import FileOut, ModelPage, error_responses, file_out
-from app.services import files
+from app.services import files, limits
 from app.storage import BlobStore, make_store
-from app.uploads import receive
+from app.uploads import FRAMING_SLACK, Received, receive
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -74,10 +75,28 @@ def download_response(request: Request, store: BlobStore, sha256: str, filename:
     return StreamingResponse(body, status_code=status, media_type="application/octet-stream", headers=headers)
 
 
+def _declared(request: Request) -> int:
+    """The body's declared length less multipart framing (0 when not declared): what the upload will store."""
+    declared = request.headers.get("content-length", "")
+    return max(0, int(declared) - FRAMING_SLACK) if declared.isdigit() else 0
+
+
+def _check_received(db: Session, settings: Settings, principal: Principal, received: Received) -> None:
+    """The team's stored bytes with this upload's real size; over the quota, the received file goes."""
+    try:
+        limits.check_upload_bytes(db, settings, principal.team_id, received.size)
+    except BaseException:
+        received.path.unlink(missing_ok=True)
+        raise
+    finally:
+        db.rollback()  # no transaction stays open while the upload is screened and stored
+
+
 def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
     router = APIRouter(prefix=f"/v1/{kind}", tags=[kind], responses=error_responses(401))
 
-    @router.post("", status_code=201, response_model=FileOut, responses=error_responses(400, 413, 415, 422, 507),
+    @router.post("", status_code=201, response_model=FileOut,
+                 responses=error_responses(400, 413, 415, 422, 429, 507),
                  openapi_extra={"requestBody": {"content": {
                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                      "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -85,7 +104,9 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
     async def upload(request: Request, name: str | None = Query(None, max_length=255),
                      db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> FileOut:
         settings = get_settings()
+        await run_in_threadpool(limits.check_upload_start, db, settings, principal.team_id, _declared(request))
         received = await receive(request, settings.tmp_dir, settings.max_upload_bytes)
+        await run_in_threadpool(_check_received, db, settings, principal, received)
         row = await files.store_upload(db, make_store(settings), settings, principal, row_type, received, name)
         return file_out(row, kind)
 

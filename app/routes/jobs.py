@@ -23,7 +23,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "canceling", "ca
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422))
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422, 429))
 def create(body: JobCreate, response: Response, db: Session = Depends(get_db),
            principal: Principal = Depends(authenticate),
            idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
@@ -59,7 +59,8 @@ def delete(job_id: str, db: Session = Depends(get_db), principal: Principal = De
     jobs.delete_job(db, make_store(), principal, job_id)
 
 
-@router.post("/{job_id}/rerun", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422))
+@router.post("/{job_id}/rerun", status_code=202, response_model=JobOut,
+              responses=error_responses(404, 409, 422, 429))
 def rerun(job_id: str, response: Response, db: Session = Depends(get_db), principal: Principal = Depends(authenticate),
           idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
     """A new job with the same model, datasets and recipe; its metadata has `rerun_of`."""

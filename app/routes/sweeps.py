@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=error_respons
 PNG = {200: {"content": {"image/png": {}}}}
 
 
-@router.post("", status_code=202, response_model=SweepOut, responses=error_responses(404, 409, 422))
+@router.post("", status_code=202, response_model=SweepOut, responses=error_responses(404, 409, 422, 429))
 def create(body: SweepCreate, response: Response, db: Session = Depends(get_db),
            principal: Principal = Depends(authenticate),
            idempotency_key: str | None = Header(None, max_length=240)) -> SweepOut:

@@ -20,7 +20,7 @@ from app.lifecycle import add_event
 from app.models import TERMINAL_STATUSES, Artifact, Dataset, Job, JobEvent, Model
 from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe, teacher_model_ids
 from app.schemas import JobCreate, JobDatasets, JobWebhook
-from app.services import blobs
+from app.services import blobs, limits
 from app.services.webhooks import check_job_webhook
 from app.storage import BlobStore
 
@@ -88,13 +88,16 @@ def check_job(db: Session, principal: Principal, body: JobCreate
 
 def create_job(db: Session, settings: Settings, principal: Principal, body: JobCreate,
                idempotency_key: str | None, sweep_id: str | None = None) -> tuple[Job, bool]:
-    """Validates and inserts a queued job, then enqueues it. Returns (job, created)."""
+    """Validates and inserts a queued job, then enqueues it (422 for a priority above the team's maximum, 429 past
+    its queued-jobs limit). Returns (job, created)."""
     request_hash = _request_hash(body)
     if idempotency_key:
         existing = _by_idempotency_key(db, principal, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash), False
     model, datasets, recipe, outputs = check_job(db, principal, body)
+    if sweep_id is None:  # a sweep checks the priority and the queue room of all its points at once
+        limits.check_submission(db, settings, principal.team_id, body.priority)
     webhook = check_job_webhook(db, settings, principal, body.webhook)
     job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
               outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=job_queue(settings, recipe),

@@ -28,7 +28,7 @@ from app.models import TERMINAL_STATUSES, Job, Sweep
 from app.recipes import PRESETS, STEP_SPECS, EvaluateSpec, GuardSpec, WeightedObjective
 from app.reports import headline, objective_score
 from app.schemas import JobCreate, SweepCreate
-from app.services import jobs
+from app.services import jobs, limits
 from app.services.comparison import GUARD_FAILED, fronts, guard_verdict, has_report
 
 MAX_ERRORS = 20
@@ -184,6 +184,7 @@ def create_sweep(db: Session, settings: Settings, principal: Principal, body: Sw
             break
     if errors:
         raise _invalid(errors[:MAX_ERRORS], code="invalid_recipe")
+    limits.check_submission(db, settings, principal.team_id, body.priority, adding=len(points))  # all or none
     sweep = Sweep(id=new_id("swp"), team_id=principal.team_id, model_id=body.model_id, recipe=request["recipe"],
                   grid=request["grid"], objective=request["objective"], datasets=request["datasets"],
                   sweep_metadata=request["metadata"])

@@ -1,4 +1,5 @@
-"""Per-team running-jobs limit (SQUEEZE_TEAM_MAX_RUNNING): a claim past it leaves the job queued and says so."""
+"""Per-team running-jobs limit (SQUEEZE_TEAM_MAX_RUNNING, 2 by default; a team's own max_running set by an admin
+wins): a claim past it leaves the job queued and says so, and other teams' jobs start at once."""
 
 from __future__ import annotations
 
@@ -55,10 +56,39 @@ def test_claims_past_the_limit_are_deferred_and_other_teams_are_not(configured):
         assert lifecycle.claim(db, "job_missing", "w5", team_limit=2) is None
 
 
-def test_no_limit_by_default(configured):
+def test_no_limit_when_neither_the_server_nor_the_team_sets_one(configured):
     with session_scope() as db:
         ids = _jobs(db, "gamma", 4)
         assert all(lifecycle.claim(db, j, "w") is not None for j in ids)
+
+
+def _claim_as_a_worker(job_id: str):
+    """What worker/tasks.py does: the server's default limit, SQUEEZE_TEAM_MAX_RUNNING."""
+    from app.config import get_settings
+
+    with session_scope() as db:
+        return lifecycle.claim(db, job_id, "w", team_limit=get_settings().team_max_running)
+
+
+def test_the_default_limit_is_on_and_an_admin_sets_a_teams_own(api):
+    from app.config import get_settings
+
+    assert get_settings().team_max_running == 2
+    with session_scope() as db:
+        a = _jobs(db, "alpha", 4)
+        (b1,) = _jobs(db, "beta", 1)
+    assert _claim_as_a_worker(a[0]) is not None and _claim_as_a_worker(a[1]) is not None
+    with pytest.raises(lifecycle.TeamBusy):
+        _claim_as_a_worker(a[2])
+    assert _claim_as_a_worker(b1) is not None  # beta starts at once while alpha waits
+    r = api.patch("/v1/teams/alpha/limits", json={"max_running": 3})
+    assert r.status_code == 200 and r.json()["usage"]["running"] == 2, r.text
+    assert _claim_as_a_worker(a[2]) is not None
+    with pytest.raises(lifecycle.TeamBusy):
+        _claim_as_a_worker(a[3])
+    assert api.patch("/v1/teams/alpha/limits", json={"max_running": 0}).status_code == 200  # no limit for alpha
+    assert _claim_as_a_worker(a[3]) is not None
+    assert api.get("/v1/teams/beta/limits").json()["max_running"] == 2  # beta keeps the server's default
 
 
 @pytest.mark.parametrize("backend_name", ["postgres"])
