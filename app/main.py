@@ -17,6 +17,7 @@ from app.logging_setup import RequestContextMiddleware, configure_logging
 from app.metrics import HttpMetricsMiddleware
 from app.routes import (comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, teams,
                         webhooks)
+from app.storage import secure_data_dir
 
 log = logging.getLogger("squeeze.api")
 
@@ -24,8 +25,8 @@ log = logging.getLogger("squeeze.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = get_settings()
-    for d in (settings.data_dir, settings.tmp_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     if settings.bootstrap_admin_key:
         with session_scope() as db:
             ensure_bootstrap_admin(db, settings.bootstrap_admin_key, settings.bootstrap_admin_team)
