@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Zip uploads: refuse archives that would inflate past this (zip bombs) or hold too many entries.
     max_unpacked_bytes: int = Field(16 * GiB, gt=0)
     max_zip_entries: int = Field(10_000, gt=0)
+    # Screening an upload runs in a child process killed past this many seconds: the upload is refused (422
+    # screening_timeout) and nothing is stored. Legitimate files take far less (a 512 MiB .npz: 0.4 s).
+    screening_timeout_s: float = Field(60.0, gt=0)
 
     job_timeout_s: float = Field(3600.0, gt=0)
     # The sandbox's address-space limit (RLIMIT_AS) scales with the job's models (the model file plus any teachers):

@@ -36,10 +36,11 @@ def _clean_name(name: str | None, fallback: str) -> str:
 
 async def store_upload(db: Session, store: BlobStore, settings: Settings, principal: Principal, row_type: FileRow,
                        received: Received, name: str | None) -> Model | Dataset:
-    sniff = screening.sniff_model if row_type is Model else screening.sniff_dataset
     try:
-        sniffed = await run_in_threadpool(sniff, received.path, max_unpacked_bytes=settings.max_unpacked_bytes,
-                                          max_entries=settings.max_zip_entries)
+        # In a child process with a time budget: never on the thread pool that serves the synchronous routes.
+        sniffed = await screening.screen(KIND_BY_ROW[row_type], received.path,
+                                         max_unpacked_bytes=settings.max_unpacked_bytes,
+                                         max_entries=settings.max_zip_entries, timeout_s=settings.screening_timeout_s)
     except screening.ScreeningError as exc:
         received.path.unlink(missing_ok=True)
         raise APIError(exc.status, exc.code, exc.message, exc.details) from None

@@ -7,6 +7,7 @@ never appears.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import pickle
@@ -14,6 +15,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 
 from app import screening
 from app.screening import ScreeningError, scan_pickle, sniff_dataset, sniff_model
+from tests.app.routes.test_upload_screening import deflated_copies, npy_zeros, slow_onnx
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -491,3 +494,122 @@ def test_import_does_not_pull_torch_or_onnx():
     code = ("import sys, app.screening; bad = {'torch', 'onnx', 'numpy', 'onnxruntime', 'safetensors'} "
             "& set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ---------------------------------------------------------------------------------------- zip bombs and slow archives
+
+def _semi_compressible(f, total: int, noise: int = 480) -> None:
+    """Writes `total` bytes that deflate about 120:1: under MAX_RATIO, so only the seeks can make them costly."""
+    block = os.urandom(noise) + bytes(64 * 1024 - noise)  # 64 KiB apart: out of deflate's 32 KiB window
+    for _ in range(total // len(block)):
+        f.write(block)
+
+
+def nested_zip_pt2(pt2: Path, dst: Path, *, reverse: bool, pickles: int = 100) -> Path:
+    """pt2 with its sample inputs replaced by a nested zip (deflated in the .pt2) whose 200 MiB padding entry comes
+    first and whose directory lists its pickles last to first: read through the outer entry's inflate stream, each
+    pickle is a backwards seek that inflates the padding again."""
+    inner = dst.with_suffix(".inner")
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as z:
+        with z.open("archive/padding", "w", force_zip64=True) as f:
+            _semi_compressible(f, 200 * 1024 * 1024)
+        for i in range(pickles):
+            z.writestr(f"archive/data/p{i}.pkl", pickle.dumps({}, protocol=2))
+        z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        if reverse:
+            z.filelist.reverse()  # the central directory is written from filelist at close
+    with zipfile.ZipFile(pt2) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if info.filename.endswith("data/sample_inputs/model.pt"):
+                nested = zipfile.ZipInfo(info.filename)
+                nested.compress_type = zipfile.ZIP_DEFLATED
+                with open(inner, "rb") as src, zout.open(nested, "w", force_zip64=True) as f:
+                    while chunk := src.read(1 << 20):
+                        f.write(chunk)
+            else:
+                zout.writestr(info, zin.read(info))
+    inner.unlink()
+    return dst
+
+
+@pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
+def test_nested_zip_read_backwards_is_quick(pt2, tmp_path, reverse):
+    path = nested_zip_pt2(pt2, tmp_path / "nested.pt2", reverse=reverse)
+    assert path.stat().st_size < 4 * 1024 * 1024  # a few MB upload...
+    start = time.monotonic()
+    got = sniff_model(path, **LIMITS)  # ...that took 57-91 s of CPU when read in reverse through the inflate stream
+    elapsed = time.monotonic() - start
+    assert got.kind == "pt2" and len(got.details["pickled_entries"]) == 1
+    assert elapsed < 10, f"screening took {elapsed:.1f} s"
+    assert list(tmp_path.iterdir()) == [path]  # the nested copy is gone
+
+
+def test_nested_zip_copy_is_capped(pt2, tmp_path):
+    path = nested_zip_pt2(pt2, tmp_path / "nested.pt2", reverse=True, pickles=1)
+    with zipfile.ZipFile(path) as z:
+        nested = next(i for i in z.infolist() if i.filename.endswith("sample_inputs/model.pt"))
+        with pytest.raises(ScreeningError) as info, \
+                screening._entry_copy(z, nested.filename, cap=nested.file_size - 1, tmp_dir=tmp_path):
+            pass
+    assert (info.value.status, info.value.code) == (413, "zip_bomb")
+
+
+def test_many_small_entries_bomb(tmp_path):
+    """64 entries of 8 MiB - 1 of zeros (1016:1 each): each entry stayed under the 8 MiB the ratio was checked from,
+    and the sandbox extracted the 512 MiB on every job."""
+    size = 8 * 1024 * 1024 - 1  # valid arrays of zeros: the old screening accepted both files
+    npz = deflated_copies(tmp_path / "bomb.npz", [f"x{i}.npy" for i in range(64)], npy_zeros(size))
+    from safetensors.torch import save
+    package = deflated_copies(tmp_path / "bomb.zip", [f"data/w{i}.bin" for i in range(64)], b"\0" * size,
+                              {"model.py": SOURCE, "weights.safetensors": save(Tiny().state_dict())})
+    for fn, path in [(sniff_dataset, npz), (sniff_model, package)]:
+        assert path.stat().st_size < 1024 * 1024
+        err = refused(fn, path, 413, "zip_bomb")
+        assert err.details["max_ratio"] == screening.MAX_RATIO and "ZIP_STORED" in err.message
+
+
+def test_archive_ratio_counts_every_entry(tmp_path):
+    """Entries each under RATIO_FREE_BYTES still add up: the archive as a whole may not inflate past MAX_RATIO."""
+    path = tmp_path / "many.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(64):
+            z.writestr(f"x{i}.npy", b"\0" * (screening.RATIO_FREE_BYTES - 1))
+    err = refused(sniff_dataset, path, 413, "zip_bomb")
+    assert err.details["entries"] == 64
+
+
+def test_small_compressible_entries_pass(tmp_path):
+    """A package deflated as `zip -r` does: 512 KiB of zeros (1000:1) next to 4 MB of real weights is no bomb."""
+    from safetensors.torch import save
+    path = tmp_path / "p.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("model.py", SOURCE)
+        z.writestr("weights.safetensors", save({"w": torch.randn(1024, 1024)}))
+        z.writestr("README.md", b"\0" * (512 * 1024))
+        z.writestr("config.json", b"{}" + b" " * 100_000)
+    assert sniff_model(path, **LIMITS).kind == "package"
+
+
+# ---------------------------------------------------------------------------------------- in a child process
+
+def test_screen_in_child_matches_in_process(pt2, tmp_path):
+    got = asyncio.run(screening.screen("model", pt2, **LIMITS, timeout_s=60))
+    assert got == sniff_model(pt2, **LIMITS)
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", b"\0" * (16 * 1024 * 1024))
+    with pytest.raises(ScreeningError) as info:
+        asyncio.run(screening.screen("dataset", path, **LIMITS, timeout_s=60))
+    assert (info.value.status, info.value.code) == (413, "zip_bomb") and info.value.details["entry"] == "x.npy"
+
+
+def test_screen_over_budget_is_killed(tmp_path):
+    path = tmp_path / "slow.onnx"
+    path.write_bytes(slow_onnx(5_000_000))  # 10 MB: 5 s or more to walk
+    start = time.monotonic()
+    with pytest.raises(ScreeningError) as info:
+        asyncio.run(screening.screen("model", path, **LIMITS, timeout_s=1))
+    elapsed = time.monotonic() - start
+    assert (info.value.status, info.value.code) == (422, "screening_timeout"), repr(info.value)
+    assert "SQUEEZE_SCREENING_TIMEOUT_S" in info.value.message
+    assert elapsed < 5, f"the child was not killed on time ({elapsed:.1f} s)"
