@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Request
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -58,13 +59,15 @@ def create_key(db: Session, team_name: str, name: str, *, is_admin: bool = False
 
 
 def ensure_bootstrap_admin(db: Session, key: str, team_name: str) -> None:
-    """Makes sure the configured admin key exists (and is not revoked) at start-up."""
-    row = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
-    if row is None:
+    """Creates the configured admin key at start-up when it does not exist yet. A key that exists is left as it is:
+    once revoked it stays revoked across restarts (configure a new SQUEEZE_BOOTSTRAP_ADMIN_KEY to get one back)."""
+    if db.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key))) is not None:
+        return
+    try:
         create_key(db, team_name, "bootstrap-admin", is_admin=True, key=key)
-    elif row.revoked_at is not None or not row.is_admin:
-        row.revoked_at, row.is_admin = None, True
-    db.commit()
+        db.commit()
+    except IntegrityError:  # another API process created it at the same moment
+        db.rollback()
 
 
 _cache: dict[str, tuple[Principal, float]] = {}
@@ -77,12 +80,16 @@ def forget_key(key_id: str) -> None:
             _cache.pop(digest, None)
 
 
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def authenticate(request: Request, db: Session = Depends(get_read_db)) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = _bearer(request)
+    if token is None:
         raise APIError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
-    digest = hash_key(token.strip())
+    digest = hash_key(token)
     cached = _cache.get(digest)
     if cached is not None and cached[1] > time.monotonic():
         principal = cached[0]
@@ -106,3 +113,11 @@ def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
         # An admin-only resource is not secret: 403 says plainly that this key lacks the right.
         raise APIError(403, "forbidden", "this endpoint needs an admin key")
     return principal
+
+
+def require_metrics_reader(request: Request, db: Session = Depends(get_read_db)) -> None:
+    """GET /metrics spans every team: the scraper's token (SQUEEZE_METRICS_TOKEN) or an admin key."""
+    token, expected = _bearer(request), get_settings().metrics_token
+    if token and expected and hmac.compare_digest(hash_key(token), hash_key(expected)):
+        return
+    require_admin(authenticate(request, db))

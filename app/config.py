@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # Resolved API keys are cached per process for this long (0: off); a revocation through this
     # process's API applies at once, one made elsewhere (another replica, the CLI) within the TTL.
     auth_cache_ttl_s: float = Field(5.0, ge=0)
+    # GET /metrics shows every team's job counts: it needs an admin key, or this bearer token (a Prometheus
+    # scraper's, which then needs no API key), at least 16 characters. Empty: admin keys only.
+    metrics_token: str = Field("", pattern=r"^(|.{16,})$")
 
     queue_default: str = "cpu"
     # Jobs that train (finetune, distill) or ask for `device: cuda` go to this queue when it is set; GPU hosts run

@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session, aliased
 from app import webhooks
 from app.db import new_id, utcnow
 from app.models import Artifact, Dataset, Job, JobEvent, Model, Team
+from app.services import blobs
+from app.storage import BlobStore, make_store
 
 log = logging.getLogger("squeeze.lifecycle")
 ACTIVE = ("running", "canceling")
@@ -157,8 +159,24 @@ class Outcome:
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, format, size_bytes, sha256
 
 
-def finish(db: Session, job_id: str, lease: str, outcome: Outcome) -> str | None:
-    """Records the result if this worker still holds the lease; a cancel requested meanwhile wins."""
+def _artifacts_kept(db: Session, outcome: Outcome, store: BlobStore) -> Outcome:
+    """Takes the artifacts' digest locks (held until the result commits) and checks their blobs are still stored: a
+    release of the same bytes may have freed one since the worker put it. One gone fails the job (no rows)."""
+    for sha256 in sorted({a["sha256"] for a in outcome.artifacts}):
+        blobs.lock(db, sha256)
+    lost = [a["name"] for a in outcome.artifacts if not store.exists(a["sha256"])]
+    if not lost:
+        return outcome
+    return Outcome("failed", "artifact_lost", f"the stored copy of {', '.join(lost)} was freed (the same bytes were "
+                   "deleted) before the result was recorded; run the job again", metrics=outcome.metrics,
+                   engine_seconds=outcome.engine_seconds)
+
+
+def finish(db: Session, job_id: str, lease: str, outcome: Outcome, store: BlobStore | None = None) -> str | None:
+    """Records the result if this worker still holds the lease; a cancel requested meanwhile wins. Artifact rows
+    are written under their digests' locks, their blobs checked (`_artifacts_kept`; `store`: the configured one)."""
+    if outcome.artifacts and outcome.status in ("succeeded", "failed"):
+        outcome = _artifacts_kept(db, outcome, store or make_store())
     now = utcnow()
     values = dict(finished_at=now, lease=None, metrics=outcome.metrics, engine_seconds=outcome.engine_seconds,
                   error_code=outcome.error_code, error_message=outcome.error_message)

@@ -50,9 +50,33 @@ class UnsafeTarget(ValueError):
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _public(ip: IP) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+# IPv6 forms whose last 32 bits are an IPv4 address the packet reaches: IPv4-mapped, IPv4-compatible (RFC 4291;
+# :: and ::1 included, as 0.0.0.0 and 0.0.0.1), IPv4-translated (RFC 2765) and the well-known NAT64 prefix (RFC 6052).
+V4_IN_LAST_32 = tuple(ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+# Local-use NAT64 (RFC 8215): where the IPv4 address sits depends on the operator's prefix length, so it cannot be
+# checked; never globally reachable (IANA), refused whole unless allowlisted.
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address carries and would lead to: the last 32 bits of the forms above, the
+    6to4 gateway (2002:V4ADDR::/48), a Teredo address's server and client (2001::/32); None for plain IPv6."""
+    if any(ip in net for net in V4_IN_LAST_32):
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    return ip.teredo
+
+
+def is_public(ip: IP) -> bool:
+    """Whether a webhook may go to this address: global unicast; an IPv6 address that embeds IPv4 addresses
+    (mapped, NAT64, 6to4, Teredo...) is judged by the IPv4 rules on each of them."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in LOCAL_NAT64:
+            return False
+        embedded = embedded_ipv4(ip)
+        if embedded is not None:
+            return all(is_public(v4) for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 
@@ -102,7 +126,7 @@ def check_url(url: str, allowlist: list[str]) -> None:
     ip = _literal_ip(host)
     if _allowlisted(host, ip, allowlist):
         return
-    if ip is not None and not _public(ip):
+    if ip is not None and not is_public(ip):
         raise UnsafeTarget(f"{host} is not a public address (allow it with SQUEEZE_WEBHOOK_ALLOWLIST)")
     name = host.lower().rstrip(".")
     if ip is None and (name in LOCAL_NAMES or name.endswith(".localhost")):
@@ -122,7 +146,7 @@ def resolve_target(url: str, allowlist: list[str]) -> str:
         raise OSError(f"{host} does not resolve")
     host_allowed = _allowlisted(host, None, allowlist)
     for ip in ips:
-        if not (host_allowed or _public(ip) or _allowlisted(host, ip, allowlist)):
+        if not (host_allowed or is_public(ip) or _allowlisted(host, ip, allowlist)):
             raise UnsafeTarget(f"{host} resolves to {ip}, which is not a public address "
                                "(allow it with SQUEEZE_WEBHOOK_ALLOWLIST)")
     return str(ips[0])

@@ -108,9 +108,92 @@ def test_dashboard_shows_a_job_finish_live_and_its_report(stack_factory, browser
     other.wait_for_selector("form.login")
 
 
+XSS = "<img src=x onerror=window.__pwned=1>"  # fits every column it is written to (error_code: 64)
+
+
+def _hostile_metrics() -> dict:
+    """Metrics shaped as the engine writes them, with the sandbox's strings where it chooses them."""
+    lat = {XSS: {"1": {"median": 1.0}}}
+    return {"original": {"size_bytes": 4096, "accuracy": 0.9, "latency_ms": lat},
+            "compressed": {"size_bytes": 2048, "accuracy": 0.8, "agreement": 0.95, "cosine": XSS,
+                           "latency_ms": lat},
+            "ratios": {"size": 2.0, "macs": 1.5, "latency": {XSS: {"1": 1.2}}},
+            "flags": [XSS], "guard": {"passed": False, "checks": [{"bound": XSS, "limit": XSS, "measured": XSS,
+                                                                    "passed": False}]}}
+
+
+def _make_hostile(database_url: str, job_id: str) -> None:
+    """What a hostile sandbox can make the worker record: stage, error, metrics, events, artifact names."""
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine, new_id, utcnow
+    from app.models import Artifact, Job, JobEvent
+
+    engine = make_engine(database_url)
+    with Session(engine) as db:
+        job = db.get(Job, job_id)
+        job.status, job.stage, job.progress, job.finished_at = "failed", XSS, 1.0, utcnow()
+        job.error_code, job.error_message, job.metrics = XSS, f"boom {XSS}", _hostile_metrics()
+        db.add(JobEvent(job_id=job_id, type=XSS, message=XSS, data={}))
+        db.add(Artifact(id=new_id("art"), job_id=job_id, name=f"{XSS}.onnx", format="onnx", size_bytes=1,
+                        sha256="0" * 64))
+        db.commit()
+    engine.dispose()
+
+
+def _assert_inert(page, selector: str) -> None:
+    """The payload is shown as text and made no element; with the page's CSP bypassed, nothing ran either."""
+    page.wait_for_selector(selector)
+    assert XSS in page.inner_text("#view")
+    assert page.eval_on_selector_all("#view img[src='x'], #view [onerror]", "els => els.length") == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_dashboard_shows_sandbox_values_as_text(stack_factory, browser):
+    from tests.app.routes.test_api import tiny_onnx, upload_model
+
+    stack = stack_factory("sqlite")
+    stack.start_api()
+    key = new_team_key(stack.admin, "mallory")
+    client = stack.client(key)
+    model = upload_model(client, tiny_onnx(), name=XSS).json()
+    assert model["name"] == XSS
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50"}).json()
+    _make_hostile(stack.backend.database_url, job["id"])
+
+    # The page's CSP would block an inline handler anyway: bypass it, so the test attacks the escaping itself.
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{stack.url}/dashboard")
+    page.fill("input[name=key]", key)
+    page.click("button[type=submit]")
+    _assert_inert(page, f"tr[data-job='{job['id']}'][data-status=failed]")
+    page.click(f"a[href='#/jobs/{job['id']}']")
+    _assert_inert(page, "#artifacts a")
+    assert page.inner_text("#size-ratio") == "2.00x"
+    assert page.eval_on_selector_all("#artifacts a", "els => els.map(e => e.dataset.name)") == [f"{XSS}.onnx"]
+    page.click(f"a[href='#/models/{model['id']}']")
+    _assert_inert(page, "h2:has-text('Model')")
+    assert not errors, errors
+    context.close()
+
+
 def test_dashboard_assets_are_an_allowlist(api):
     assert api.get("/dashboard").status_code == 200
     assert "text/javascript" in api.get("/dashboard/static/dashboard.js").headers["content-type"]
     for name in ("dashboard.html", "..%2Fconfig.py", "x.js"):
         assert api.get(f"/dashboard/static/{name}").status_code == 404
     assert api.get("/", follow_redirects=False).headers["location"] == "/dashboard"
+
+
+def test_dashboard_markup_reaches_the_page_in_one_place():
+    """Only show() writes markup, and it takes html`` output only: a new view cannot skip the escaping."""
+    import re
+
+    js = (ROOT / "app" / "static" / "dashboard.js").read_text()
+    assert len(re.findall(r"\.innerHTML\s*=", js)) == 1 and "view.innerHTML = markup.text;" in js
+    for sink in ("outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in js, sink
+

@@ -1,12 +1,14 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app import queue
+from app.auth import require_metrics_reader
 from app.db import get_engine, get_read_sessionmaker
 from app.metrics import scrape
+from app.schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -32,9 +34,11 @@ async def readyz() -> JSONResponse:
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401, 403),
+            dependencies=[Depends(require_metrics_reader)])
 def metrics() -> Response:
-    """Prometheus text format; what each metric means is in app/metrics.py."""
+    """Prometheus text format; what each metric means is in app/metrics.py. Every team's counts: an admin key or
+    the scraper's SQUEEZE_METRICS_TOKEN as a bearer token."""
     with get_read_sessionmaker()() as db:
         body = scrape(db)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

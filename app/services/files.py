@@ -1,6 +1,10 @@
-"""Uploaded models and datasets: screen, store (blob first), then insert the row."""
+"""Uploaded models and datasets: screen, then store the blob and insert its row under the digest's lock."""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
@@ -48,15 +52,43 @@ async def store_upload(db: Session, store: BlobStore, settings: Settings, princi
         received.path.unlink(missing_ok=True)
         raise
     try:
-        await run_in_threadpool(store.put_file, received.path, received.sha256)
+        row = row_type(id=new_id(ID_PREFIX[row_type]), team_id=principal.team_id,
+                       name=_clean_name(name or received.filename, f"{KIND_BY_ROW[row_type]}.{sniffed.kind}"),
+                       format=sniffed.kind, sha256=received.sha256, size_bytes=received.size,
+                       details=sniffed.details)
+        await run_in_threadpool(_record, db, store, row, received.path)
     finally:
         received.path.unlink(missing_ok=True)
-    row = row_type(id=new_id(ID_PREFIX[row_type]), team_id=principal.team_id,
-                   name=_clean_name(name or received.filename, f"{KIND_BY_ROW[row_type]}.{sniffed.kind}"),
-                   format=sniffed.kind, sha256=received.sha256, size_bytes=received.size, details=sniffed.details)
-    db.add(row)
-    await run_in_threadpool(db.commit)
     return row
+
+
+def _spare(src: Path) -> Path:
+    """A second name for the upload's bytes (`put_file` consumes `src`): a hard link, a copy where there are none."""
+    spare = src.with_name(f"{src.name}.spare")
+    try:
+        os.link(src, spare)
+    except OSError:
+        shutil.copyfile(src, spare)
+    return spare
+
+
+def _record(db: Session, store: BlobStore, row: Model | Dataset, src: Path) -> None:
+    """Puts the blob (the transfer runs without a lock), then commits its row under the digest's lock
+    (`blobs.lock`), putting the bytes again if a release freed the blob in between: a release that comes later
+    sees the row."""
+    spare = _spare(src)
+    try:
+        store.put_file(src, row.sha256)
+        blobs.lock(db, row.sha256)
+        if not store.exists(row.sha256):
+            store.put_file(spare, row.sha256)
+        db.add(row)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    finally:
+        spare.unlink(missing_ok=True)
 
 
 def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) -> Model | Dataset:

@@ -153,3 +153,73 @@ def test_an_unhandled_error_is_a_plain_500_with_the_headers(configured, caplog):
                                                            "details": {}}}
     _secure(r)
     assert "unhandled error" in caplog.text  # still logged, with its traceback, for the operator
+
+
+def _restart(configured, **settings):
+    """A new app on the same database, as after a restart: settings re-read, this process's key cache empty."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.stack import reset_caches
+
+    reset_caches()
+    from app.config import get_settings
+
+    for name, value in settings.items():
+        setattr(get_settings(), name, value)
+    return TestClient(create_app())
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"], indirect=True)
+def test_a_revoked_bootstrap_admin_key_stays_revoked_across_restarts(api, configured):
+    from tests.conftest import ADMIN_KEY
+
+    other = api.post("/v1/keys", json={"team": "ops", "name": "second admin", "admin": True}).json()
+    boot = next(k for k in api.get("/v1/keys").json() if k["name"] == "bootstrap-admin")
+    assert api.delete(f"/v1/keys/{boot['id']}").status_code == 204
+    assert api.get("/v1/models").status_code == 401
+    for _ in range(2):  # a restart with the same SQUEEZE_BOOTSTRAP_ADMIN_KEY does not bring it back
+        with _restart(configured) as again:
+            assert again.get("/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 401
+            keys = again.get("/v1/keys", headers={"Authorization": f"Bearer {other['key']}"}).json()
+            assert [k["revoked_at"] is not None for k in keys if k["name"] == "bootstrap-admin"] == [True]
+    # a new bootstrap key is created at start-up when it does not exist yet
+    with _restart(configured, bootstrap_admin_key="sqz_fresh_bootstrap_key_0123456789") as again:
+        assert again.get("/v1/keys", headers={"Authorization": "Bearer sqz_fresh_bootstrap_key_0123456789"}
+                         ).status_code == 200
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
+def test_metrics_need_an_admin_key_or_the_metrics_token(api, configured):
+    from tests.conftest import ADMIN_KEY
+
+    team_key = new_team_key(api, "curious")
+    token = "prometheus-scrape-token-0123456789"
+    answers = {"none": api.get("/metrics", headers={"Authorization": ""}),
+               "garbage": api.get("/metrics", headers={"Authorization": "Bearer " + token}),  # no token configured
+               "team": api.get("/metrics", headers={"Authorization": f"Bearer {team_key}"}),
+               "admin": api.get("/metrics")}
+    assert {who: r.status_code for who, r in answers.items()} == {"none": 401, "garbage": 401, "team": 403,
+                                                                 "admin": 200}
+    assert answers["team"].json()["error"]["code"] == "forbidden" and "squeeze_jobs" not in answers["team"].text
+    assert 'squeeze_jobs{status="queued"}' in answers["admin"].text
+    with _restart(configured, metrics_token=token, bootstrap_admin_key=ADMIN_KEY) as again:
+        scrape = again.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scrape.status_code == 200 and "squeeze_jobs" in scrape.text
+        assert again.get("/metrics", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+        assert again.get("/metrics").status_code == 401
+        assert again.get("/metrics", headers={"Authorization": f"Bearer {team_key}"}).status_code == 403
+        assert again.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+        # the token opens /metrics only, not the API
+        assert again.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_metrics_token_is_long_or_empty():
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    assert Settings(metrics_token="").metrics_token == ""
+    with pytest.raises(ValidationError):
+        Settings(metrics_token="short")
+

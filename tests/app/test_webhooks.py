@@ -27,6 +27,50 @@ def test_non_public_targets_are_refused(url):
         webhooks.check_url(url, [])
 
 
+# IPv6 addresses that carry an IPv4 address are judged by the IPv4 rules on it (or refused whole: local NAT64).
+EMBEDDED_PRIVATE = [
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::10.0.0.1",  # NAT64: 127.0.0.1, 169.254.169.254, 10.0.0.1
+    "64:ff9b:1::808:808", "64:ff9b:1:7f00:1::",  # local-use NAT64: the IPv4 position is the operator's choice
+    "2002:7f00:1::", "2002:a9fe:a9fe::1", "2002:c0a8:101:1::5",  # 6to4 of 127.0.0.1, the metadata address, 192.168.1.1
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1", "::ffff:0:7f00:1",  # IPv4-mapped, IPv4-translated
+    "::7f00:1", "::a00:1", "::", "::1",  # IPv4-compatible (:: and ::1 too)
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "2001:0:a00:1:8000:63bf:f7f7:f7f7",  # Teredo, server 10.0.0.1
+]
+EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "::ffff:0:808:808",
+                   "2001:0:5db8:d822:8000:63bf:f7f7:f7f7", "2606:4700:4700::1111"]
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PRIVATE)
+def test_ipv6_wrapping_a_private_ipv4_address_is_not_public(address):
+    import ipaddress
+
+    assert not webhooks.is_public(ipaddress.ip_address(address))
+    with pytest.raises(webhooks.UnsafeTarget, match="not a public address"):
+        webhooks.check_url(f"http://[{address}]:8080/hook", [])
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PUBLIC)
+def test_ipv6_wrapping_a_public_ipv4_address_is_public(address):
+    import ipaddress
+
+    assert webhooks.is_public(ipaddress.ip_address(address))
+    webhooks.check_url(f"http://[{address}]/hook", [])
+
+
+def test_embedded_ipv4_is_unwrapped():
+    import ipaddress
+
+    def v4s(a: str) -> list[str] | None:
+        found = webhooks.embedded_ipv4(ipaddress.IPv6Address(a))
+        return None if found is None else [str(v) for v in found]
+
+    assert v4s("64:ff9b::7f00:1") == ["127.0.0.1"] and v4s("2002:7f00:1::") == ["127.0.0.1"]
+    assert v4s("::ffff:10.0.0.1") == ["10.0.0.1"] and v4s("::ffff:0:a00:1") == ["10.0.0.1"]
+    assert v4s("2001:0:4136:e378:8000:63bf:80ff:fffe") == ["65.54.227.120", "127.0.0.1"]
+    assert v4s("2606:4700:4700::1111") is None
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "https://user:pw@example.com/",
                                  "not a url", "http:///nohost"])
 def test_only_plain_http_urls(url):

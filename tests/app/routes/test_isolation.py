@@ -17,11 +17,12 @@ from tests.app.routes.test_api import npz_bytes, tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 HOOK = "https://hooks.example.invalid/hook"
-# Routes anyone may call: probes, metrics, the dashboard's static page (it holds no data) and the API docs.
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/", "/dashboard", "/dashboard/static/{name}", "/openapi.json",
+# Routes anyone may call: probes, the dashboard's static page (it holds no data) and the API docs.
+PUBLIC = {"/healthz", "/readyz", "/", "/dashboard", "/dashboard/static/{name}", "/openapi.json",
           "/docs", "/docs/oauth2-redirect", "/redoc"}
 # Admin-only routes: another team's key is refused with 403 (the resource is not secret; the right is missing).
-ADMIN_ONLY = {"/v1/keys", "/v1/keys/{key_id}"}
+# /metrics counts every team's jobs: an admin key or the scraper's SQUEEZE_METRICS_TOKEN.
+ADMIN_ONLY = {"/v1/keys", "/v1/keys/{key_id}", "/metrics"}
 
 
 def _as(key: str) -> dict[str, str]:

@@ -24,6 +24,17 @@ def test_job_webhook_to_a_non_public_target_is_422_naming_the_field(api, url):
     assert r.json()["error"]["details"]["errors"][0]["field"] == "webhook.url"
 
 
+@pytest.mark.parametrize("host", ["[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::ffff:10.0.0.1]", "[64:ff9b::a9fe:a9fe]",
+                                  "[2001:0:4136:e378:8000:63bf:80ff:fffe]", "[64:ff9b:1::808:808]"])
+def test_team_webhook_to_ipv4_wrapped_in_ipv6_is_422(api, host):
+    """NAT64, 6to4, IPv4-mapped and Teredo addresses of private IPv4 targets are private targets."""
+    r = api.post("/v1/webhooks", json={"url": f"http://{host}:8080/hook"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]["details"]["errors"][0]
+    assert error["field"] == "url" and "not a public address" in error["message"]
+    assert api.post("/v1/webhooks", json={"url": "http://[64:ff9b::808:808]/hook"}).status_code == 201
+
+
 def test_job_webhook_needs_a_secret_and_never_shows_it(api):
     model = upload_model(api, tiny_onnx()).json()
     r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "prune-50", "webhook": {"url": HOOK}})
