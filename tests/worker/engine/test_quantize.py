@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 import zipfile
@@ -209,6 +210,183 @@ def test_dynamic_int8_transformer_to_onnx(tmp_path, digits):
     assert not big_float, big_float
     assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     assert any("DequantizeLinear" in note for note in report["steps"][0]["notes"] + report["notes"]), report
+    # The weights are in the range this host's int8 kernels compute exactly (7 bits without VNNI), so the file
+    # gives here what exact integer arithmetic gives.
+    from worker.engine.cpu import host_flags
+    from worker.engine.passes.quantize.ort import int8_kernel
+
+    assert report["steps"][0]["int8_kernel"] == int8_kernel(host_flags())
+    tokens = mz.digits_tokens(x_test)
+    exact = tmp_path / "exact.onnx"
+    onnx.save(_exact_matmul_integer(proto), str(exact))
+    np.testing.assert_allclose(onnx_predict(job / "out" / "model.onnx", tokens), onnx_predict(exact, tokens),
+                               rtol=1e-4, atol=1e-3)
+
+
+def _exact_matmul_integer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with each MatMulInteger(a, b, a_zero, b_zero) computed as an int32 MatMul of (a - a_zero) and
+    (b - b_zero): what a non-saturating (VNNI) int8 kernel gives, on any CPU."""
+    from onnx import helper
+
+    proto = copy.deepcopy(proto)
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulInteger":
+            nodes.append(node)
+            continue
+        operands = []
+        for i, zero in ((0, 2), (1, 3)):
+            name = f"{node.name}_exact_{i}"
+            nodes.append(helper.make_node("Cast", [node.input[i]], [name], to=onnx.TensorProto.INT32))
+            if len(node.input) > zero and node.input[zero]:
+                nodes.append(helper.make_node("Cast", [node.input[zero]], [name + "_zero"],
+                                              to=onnx.TensorProto.INT32))
+                nodes.append(helper.make_node("Sub", [name, name + "_zero"], [name + "_centered"]))
+                name += "_centered"
+            operands.append(name)
+        nodes.append(helper.make_node("MatMul", operands, list(node.output), name=node.name))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+@pytest.mark.parametrize("flags,machine,reduce_range", [
+    ({"sse4_2", "avx", "avx2", "fma"}, "x86_64", True),                        # AVX2-only (AMD Zen 1-3, Haswell)
+    ({"avx2", "avx512f", "avx512bw"}, "x86_64", True),                         # AVX-512 without VNNI (Skylake-SP)
+    ({"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "x86_64", False),         # Cascade Lake+, AMD Zen 4+
+    ({"avx2", "avx_vnni"}, "x86_64", False),                                   # Alder Lake, Sierra Forest
+    ({"avx2", "avx512f", "avx512_vnni", "amx_int8"}, "x86_64", False),         # Sapphire Rapids
+    ({"avx2", "amx_int8"}, "x86_64", False),
+    (None, "x86_64", True),                                                    # flags unreadable: assume no VNNI
+    ({"fp", "asimd", "asimddp"}, "aarch64", False),                            # ARM: no int16 saturation
+])
+def test_int8_kernel_follows_the_cpu_features(flags, machine, reduce_range):
+    from worker.engine.passes.quantize.ort import int8_kernel, int8_kernel_note
+
+    kernel = int8_kernel(None if flags is None else frozenset(flags), machine)
+    assert set(kernel) == {"cpu_features", "vnni", "reduce_range", "reason"}
+    assert kernel["reduce_range"] is reduce_range
+    assert kernel["vnni"] == bool(flags and {"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    assert kernel["cpu_features"] == [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+                                      if flags and f in flags]
+    note = int8_kernel_note(kernel)
+    assert ("7-bit weights (reduce_range)" in note) == reduce_range and kernel["reason"] in note
+    assert json.loads(json.dumps(kernel)) == kernel  # fits a JSON report as is
+
+
+def test_cpu_flags_are_read_from_cpuinfo_text():
+    from worker.engine.cpu import host_flags, parse_flags
+
+    x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+           "flags\t\t: fpu sse4_2 avx avx2 fma\nbugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert parse_flags(x86) == {"fpu", "sse4_2", "avx", "avx2", "fma"}  # the first processor's
+    assert parse_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}
+    assert parse_flags("processor\t: 0\n") is None
+    flags = host_flags()
+    if Path("/proc/cpuinfo").is_file():
+        assert flags == parse_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+
+
+def _int8_weight_range(proto: onnx.ModelProto, op_types: set[str]) -> int:
+    """The largest |value| of the int8 weights the given ops read (directly or through a DequantizeLinear)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2}
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for name in node.input:
+            dq = producers.get(name)
+            name = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else name
+            if name in inits:
+                found.append(int(np.abs(numpy_helper.to_array(inits[name]).astype(np.int32)).max()))
+    assert found, op_types
+    return max(found)
+
+
+def test_int8_kernel_choice_is_exact_where_chosen(tmp_path, digits, cnn):
+    """On every host: 7-bit weights (the choice without VNNI) compute what exact integer arithmetic computes, and
+    8-bit weights (the choice with VNNI) do so exactly where this host has VNNI; on an x86 host without it they
+    saturate. Dynamic int8 on the tests' tiny BERT; static QDQ on the CNN with its first conv in int8 (fused
+    kernels against ONNX Runtime's QDQ fusion turned off: DequantizeLinear, float op, QuantizeLinear)."""
+    import onnxruntime as ort
+
+    from worker.engine.cpu import host_flags
+    from worker.engine.formats.base import LoadedModel, get_format
+    from worker.engine.passes.quantize import ort as ort_quant
+
+    host = ort_quant.int8_kernel(host_flags())
+    seven, eight = ort_quant.int8_kernel({"avx2"}, "x86_64"), ort_quant.int8_kernel({"avx512_vnni"}, "x86_64")
+    _, _, x_test, _ = digits
+    tokens = mz.digits_tokens(x_test)
+    bert = mz.build_tiny_bert(epochs=2)
+    fp32 = tmp_path / "bert.onnx"
+    get_format("hf").export(LoadedModel("hf", tmp_path / "bert.zip", bert.eval()), "onnx", fp32, [tokens])
+    errors = {}
+    for label, kernel in (("7-bit", seven), ("8-bit", eight)):
+        work = tmp_path / label
+        work.mkdir()
+        model, _ = ort_quant.quantize_dynamic(onnx.load(str(fp32)), per_channel=True, exclude=[], workdir=work,
+                                              keep_norm=True, kernel=kernel)
+        assert _int8_weight_range(model, {"MatMulInteger"}) == (64 if kernel["reduce_range"] else 127)
+        onnx.save(model, str(work / "int8.onnx"))
+        onnx.save(_exact_matmul_integer(model), str(work / "exact.onnx"))
+        errors[label] = float(np.abs(onnx_predict(work / "int8.onnx", tokens)
+                                     - onnx_predict(work / "exact.onnx", tokens)).max())
+    print("dynamic, max |int8 - exact|:", errors, "host:", host)
+    assert errors["7-bit"] <= 1e-3
+    assert (errors["8-bit"] <= 1e-3) == (not host["reduce_range"]), (errors, host)
+
+    images, calibration = mz.as_images(x_test), mz.as_images(digits[0][:256])
+    fp32 = mz.export_onnx(cnn, images, tmp_path / "cnn.onnx")
+    proto = onnx.load(str(fp32))
+    ort_quant.name_nodes(proto)
+    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+
+    def run(path: Path, fused: bool) -> np.ndarray:
+        options = ort.SessionOptions()
+        if not fused:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: images})[0]
+
+    errors = {}
+    for label, kernel in (("7-bit", seven), ("8-bit", eight)):
+        work = tmp_path / f"static-{label}"
+        work.mkdir()
+        model, _, _ = ort_quant.quantize_static(copy.deepcopy(proto), [calibration], calibration="minmax",
+                                                per_channel=True, exclude=[head], workdir=work, keep_norm=True,
+                                                kernel=kernel)
+        assert _int8_weight_range(model, {"Conv", "Gemm", "MatMul"}) == (64 if kernel["reduce_range"] else 127)
+        onnx.save(model, str(work / "int8.onnx"))
+        errors[label] = float(np.abs(run(work / "int8.onnx", True) - run(work / "int8.onnx", False)).max())
+    # Fused and unfused int8 differ by requantization rounding (a few hundredths here); saturation by units.
+    print("static, max |fused - unfused|:", errors, "host:", host)
+    assert errors["7-bit"] <= 0.2
+    assert (errors["8-bit"] <= 0.2) == (not host["reduce_range"]), (errors, host)
+
+
+def test_the_step_report_records_the_int8_kernel_choice(tmp_path, zoo):
+    """The quantize step reports the CPU features it saw and the weight range it chose for them, and the ONNX
+    output has weights of that range."""
+    from worker.engine.cpu import host_flags
+    from worker.engine.passes.quantize.ort import int8_kernel
+
+    job = make_job(tmp_path, zoo["onnx"], "onnx", [{"type": "quantize", "method": "dynamic_int8"}],
+                   datasets={"eval": zoo["eval"]})
+    _, report = run_ok(job)
+    step = report["steps"][0]
+    expected = int8_kernel(host_flags())
+    assert step["int8_kernel"] == expected
+    assert any(n.startswith("int8 kernels (ONNX Runtime): CPU features ") and expected["reason"] in n
+               for n in step["notes"]), step["notes"]
+    proto = onnx.load(str(job / "out" / "model.onnx"))
+    assert _int8_weight_range(proto, {"MatMulInteger"}) == (64 if expected["reduce_range"] else 127)
+    from app.report_schema import validate_report
+
+    validate_report(report)
 
 
 def test_dynamic_int8_package_stays_a_package(tmp_path, zoo, digits, mlp):

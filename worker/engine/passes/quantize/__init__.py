@@ -20,6 +20,8 @@ The job's outputs reach the pass as `model.extra["outputs"]` (set by the sandbox
 whatever `targets`/`ignore` leave out; the report lists each with its reason. A first layer kept float only by
 static_int8's default is timed in int8 too when the output is ONNX, and quantized there where that is faster
 (ort.quantize_static; `amend_step_report` brings the step report in line once the output is written).
+Where ONNX Runtime quantizes, the step report's `int8_kernel` (and a note) records the CPU features seen and the
+weight range chosen for them: 7 bits on an x86 CPU without VNNI, whose int8 kernels saturate with 8 (ort.int8_kernel).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class QuantPlan:
     first_by_default: list[str] = field(default_factory=list)  # kept float only by the default: ONNX may quantize
     timing: tuple[int, int] = (1, 32)  # the job's (threads, batch), for that choice
     onnx_first_quantized: list[str] = field(default_factory=list)  # of first_by_default, int8 in the ONNX output
+    int8_kernel: dict | None = None  # ort.int8_kernel, chosen by the step for the ONNX output (None: the host's)
 
 
 def _sparsity(t: torch.Tensor) -> float:
@@ -214,14 +217,22 @@ class Quantize(Pass):
         method = spec.method
         before = {r.name: r.read().clone() for r in eligible}
         extra: dict[str, Any] = {}
+        kernel = None
+        if method in GRAPH_TARGETS and (model.format == "onnx" or "onnx" in outputs):
+            # ONNX Runtime quantizes: weights of the range this CPU's int8 kernels compute exactly.
+            from worker.engine.passes.quantize.ort import host_int8_kernel, int8_kernel_note
+
+            kernel = host_int8_kernel()
+            notes.append(int8_kernel_note(kernel))
         if method in GRAPH_TARGETS and model.format == "onnx":
-            extra = self._onnx_now(model, spec, ctx, eligible, kept, first_by_default, calibration, notes)
+            extra = self._onnx_now(model, spec, ctx, eligible, kept, first_by_default, calibration, notes, kernel)
             done = extra.pop("quantized")
         elif method in GRAPH_TARGETS and any(o in GRAPH_TARGETS[method] for o in outputs):
             eager_too = method == "dynamic_int8" and "package" in outputs
             plan = QuantPlan(spec=spec, source=copy.deepcopy(model.handle) if eager_too else model.handle,
                              layers=[r.name for r in eligible], quantized=[r.name for r in targets], kept=kept,
-                             calibration=calibration, first_by_default=first_by_default, timing=ctx.timing)
+                             calibration=calibration, first_by_default=first_by_default, timing=ctx.timing,
+                             int8_kernel=kernel)
             model.extra[PLAN] = plan
             done = [r.name for r in targets]
             written = [o for o in outputs if o in GRAPH_TARGETS[method]]
@@ -261,6 +272,8 @@ class Quantize(Pass):
             layers.append({"name": r.name, "shape": list(r.shape), "sparsity_before": _sparsity(before[r.name]),
                            "sparsity_after": _sparsity(now), "bits": BITS[method] if r.name in done else 32,
                            "quantized": r.name in done, **({"kept_float": kept[r.name]} if r.name in kept else {})})
+        if kernel is not None:
+            extra["int8_kernel"] = kernel
         if method == "binary":
             changed = sum(int((before[n] != after[n].read()).any()) for n in done if n in after)
             if changed == 0:
@@ -272,8 +285,8 @@ class Quantize(Pass):
                 "per_channel": spec.per_channel, "group_size": spec.group_size, **extra, "notes": notes}
 
     def _onnx_now(self, model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, eligible: list[WeightRef],
-                  kept: dict[str, str], first_by_default: list[str], calibration, notes: list[str]
-                  ) -> dict[str, Any]:
+                  kept: dict[str, str], first_by_default: list[str], calibration, notes: list[str],
+                  kernel: dict | None) -> dict[str, Any]:
         from worker.engine.passes.quantize import ort
 
         proto = model.handle
@@ -285,13 +298,14 @@ class Quantize(Pass):
             result, more, first_quantized = ort.quantize_static(
                 proto, calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
                 workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes,
-                timing=ctx.timing)
+                timing=ctx.timing, kernel=kernel)
             for layer in first_quantized:
                 kept.pop(layer, None)
                 quantized.append(layer)
         else:
             result, more = ort.quantize_dynamic(proto, per_channel=spec.per_channel, exclude=exclude,
-                                                workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds)
+                                                workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds,
+                                                kernel=kernel)
         notes += more
         int8 = ort.int8_weights(result)
         if not int8:
@@ -370,6 +384,8 @@ def _export_onnx(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pa
     proto = onnx.load(str(tmp))
     ort.name_nodes(proto)
     spec = plan.spec
+    kernel = plan.int8_kernel or ort.host_int8_kernel()
+    bits = ", in 7 bits: reduce_range, see the step's int8_kernel" if kernel["reduce_range"] else ""
     exclude, _, unmatched = ort.exclusions(proto, set(plan.kept), plan.layers, "norm" in spec.kept_kinds)
     if unmatched:
         notes.append(f"onnx: {len(unmatched)} weight(s) of the exported graph are not among the step's layers "
@@ -378,14 +394,16 @@ def _export_onnx(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pa
         first_nodes = ort.layer_nodes(proto, plan.first_by_default, plan.layers)
         result, more, first_quantized = ort.quantize_static(
             proto, plan.calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
-            workdir=workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes, timing=plan.timing)
+            workdir=workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes, timing=plan.timing,
+            kernel=kernel)
         plan.onnx_first_quantized = first_quantized
         notes += more + ["onnx: static int8 by ONNX Runtime (QDQ, uint8 activations, int8 "
-                         f"{'per-channel' if spec.per_channel else 'per-tensor'} weights)"]
+                         f"{'per-channel' if spec.per_channel else 'per-tensor'} weights{bits})"]
     else:
         result, more = ort.quantize_dynamic(proto, per_channel=spec.per_channel, exclude=exclude, workdir=workdir,
-                                            keep_norm="norm" in spec.kept_kinds)
-        notes += more + ["onnx: dynamic int8 by ONNX Runtime (int8 weights, activations quantized per batch)"]
+                                            keep_norm="norm" in spec.kept_kinds, kernel=kernel)
+        notes += more + [f"onnx: dynamic int8 by ONNX Runtime (int8 weights{bits}; activations quantized per "
+                         "batch)"]
     int8 = ort.int8_weights(result)
     if not int8:
         raise EngineError("no_effect", f"{spec.method}: the ONNX output has no int8 weight")

@@ -3,6 +3,8 @@
 Static QDQ with uint8 activations and int8 per-channel weights is the form measured fast on x86 CPUs (FACTS.md:
 CNN 2.7x, ResNet 2.8x faster than fp32 at batch 64); int8 activations gave no speed-up. Dynamic int8 quantizes
 MatMul/Gather/LSTM/Attention: convolutions stay float, because ORT's ConvInteger is slower than a float conv.
+Both quantize weights to 7 bits instead of 8 on an x86 CPU without VNNI, where ORT's int8 kernels would saturate
+(int8_kernel).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import platform
 import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -25,6 +28,56 @@ NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization",
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
 _CALIBRATION_BATCH = 32
 PADDED_CHANNELS = 4  # see pad_input_channels
+
+
+def int8_kernel(flags: frozenset[str] | set[str] | None, machine: str | None = None) -> dict:
+    """The int8 weight range to quantize with for a CPU with these flags (None: unknown) and architecture.
+
+    ONNX Runtime's u8s8 kernels (uint8 activations x int8 weights, both quantizers' form here) are exact where the
+    CPU has VNNI (avx512_vnni, avx_vnni) or AMX: products accumulate in int32. Without them, on x86, they use
+    vpmaddubsw, which adds each pair of u8 x s8 products in a saturating int16: with 8-bit weights a pair can
+    reach 2 x 255 x 128 and clips, and the quantized model drifts (measured on an AVX2-only EPYC: the tests'
+    tiny BERT, dynamic int8, agreed 0.947 with the float model, 0.997 with exact arithmetic; a trained ResNet,
+    static QDQ, 0.925 against 1.0). 7-bit weights (`reduce_range`, [-64, 64]) keep every pair in range
+    (2 x 255 x 64 < 32768) on the same kernels, as fast (same ResNet, b32, one thread: 4.06 against 3.81 ms and
+    4.97 against 5.12 ms, two runs); int8 activations (s8s8) were no cure (ONNX Runtime shifts them to u8 on x86:
+    same drift, 1.8x slower) and uint8 weights (u8u8) were exact but 1.4x slower. So: 8-bit weights with VNNI/AMX
+    or off x86, 7-bit on an x86 CPU without them (or whose flags cannot be read). Returns the step report's
+    `int8_kernel`: {"cpu_features", "vnni", "reduce_range", "reason"}."""
+    from worker.engine.cpu import VNNI_FEATURES, int8_features, is_x86
+
+    features = int8_features(flags)
+    vnni = sorted(VNNI_FEATURES & set(flags or ()))
+    if not is_x86(machine):
+        return {"cpu_features": features, "vnni": False, "reduce_range": False,
+                "reason": f"not an x86 CPU ({machine or platform.machine()}): ONNX Runtime's int8 kernels there do "
+                          "not saturate; 8-bit weights"}
+    if vnni:
+        return {"cpu_features": features, "vnni": True, "reduce_range": False,
+                "reason": f"{'/'.join(vnni)}: ONNX Runtime's u8s8 kernels accumulate in int32, exact with 8-bit "
+                          "weights (a model quantized so may drift on a CPU without VNNI)"}
+    known = "CPU flags unreadable: assumed without VNNI" if flags is None else \
+        "no VNNI (avx512_vnni/avx_vnni) or AMX"
+    return {"cpu_features": features, "vnni": False, "reduce_range": True,
+            "reason": f"{known}: ONNX Runtime's u8s8 kernels add pairs of u8 x s8 products in a saturating int16 "
+                      "(vpmaddubsw), which 8-bit weights overflow; 7-bit weights (reduce_range) are exact there, "
+                      "at the same speed"}
+
+
+def host_int8_kernel() -> dict:
+    """int8_kernel for this host (its /proc/cpuinfo flags)."""
+    from worker.engine.cpu import host_flags
+
+    return int8_kernel(host_flags())
+
+
+def int8_kernel_note(kernel: dict) -> str:
+    """The step note that records int8_kernel's choice."""
+    from worker.engine.cpu import INT8_FEATURES
+
+    features = " ".join(kernel["cpu_features"]) or "none of " + "/".join(INT8_FEATURES)
+    bits = "7-bit weights (reduce_range)" if kernel["reduce_range"] else "8-bit weights"
+    return f"int8 kernels (ONNX Runtime): CPU features {features}: {bits}: {kernel['reason']}"
 
 
 @contextlib.contextmanager
@@ -355,8 +408,9 @@ class StaticInt8(NamedTuple):
 
 def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibration: str, per_channel: bool,
                     exclude: list[str], workdir: Path, keep_norm: bool, first_layers: dict[str, str] | None = None,
-                    timing: tuple[int, int] | None = None) -> StaticInt8:
-    """Static QDQ int8 of `proto` calibrated on `arrays`.
+                    timing: tuple[int, int] | None = None, kernel: dict | None = None) -> StaticInt8:
+    """Static QDQ int8 of `proto` calibrated on `arrays`, in the weight range that `kernel` (int8_kernel; default:
+    this host's) chooses.
 
     `first_layers`: node -> layer, for nodes of `exclude` left float only by the default for the layers that read
     the model input.
@@ -373,7 +427,9 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
     if reordered:
         notes.append(f"onnxruntime: {reordered} flatten(s) of a conv feature map made channels-last (the next layer's "
                      "weight columns permuted to match) so the int8 graph needs no layout transpose there")
-    options = {"calibration": calibration, "per_channel": per_channel, "workdir": workdir, "keep_norm": keep_norm}
+    kernel = host_int8_kernel() if kernel is None else kernel
+    options = {"calibration": calibration, "per_channel": per_channel, "workdir": workdir, "keep_norm": keep_norm,
+               "reduce_range": kernel["reduce_range"]}
     trial = [n for n in (first_layers or {}) if n in exclude]
     result, more = _qdq(proto, arrays, exclude, "int8", **options)
     notes += more
@@ -402,8 +458,9 @@ def quantize_static(proto: onnx.ModelProto, arrays: list[np.ndarray], *, calibra
 
 
 def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], tag: str, *, calibration: str,
-         per_channel: bool, workdir: Path, keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
-    """ONNX Runtime's pre-processing and static QDQ quantization of `proto` (files named after `tag`)."""
+         per_channel: bool, workdir: Path, keep_norm: bool, reduce_range: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """ONNX Runtime's pre-processing and static QDQ quantization of `proto` (files named after `tag`); 7-bit
+    weights with `reduce_range` (int8_kernel)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -435,8 +492,8 @@ def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], t
         with _tempdir(workdir):
             ort_quantize_static(str(source), str(out), _Reader(names, arrays), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                per_channel=per_channel, calibrate_method=method, op_types_to_quantize=op_types,
-                                nodes_to_exclude=exclude)
+                                per_channel=per_channel, reduce_range=reduce_range, calibrate_method=method,
+                                op_types_to_quantize=op_types, nodes_to_exclude=exclude)
     except Exception as exc:
         raise EngineError("unsupported", f"onnxruntime static quantization failed: {type(exc).__name__}: "
                                          f"{str(exc)[:500]}") from exc
@@ -490,12 +547,14 @@ def prefer_quantized(ms_kept: float, ms_quant: float, fidelity_kept: float, fide
 
 
 def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list[str], workdir: Path,
-                     keep_norm: bool) -> tuple[onnx.ModelProto, list[str]]:
-    """Dynamic int8 (int8 weights, activations quantized per batch at run time) of MatMul/Gather/LSTM/Attention."""
+                     keep_norm: bool, kernel: dict | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """Dynamic int8 (int8 weights, activations quantized per batch at run time) of MatMul/Gather/LSTM/Attention,
+    in the weight range that `kernel` (int8_kernel; default: this host's) chooses."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     notes = []
+    kernel = host_int8_kernel() if kernel is None else kernel
     name_nodes(proto)
     rewritten = gemm_to_matmul(proto)
     if rewritten:
@@ -510,7 +569,8 @@ def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list
     try:
         with _tempdir(workdir):
             ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=op_types, per_channel=per_channel,
-                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+                                 reduce_range=kernel["reduce_range"], weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude)
     except Exception as exc:
         raise EngineError("unsupported", f"onnxruntime dynamic quantization failed: {type(exc).__name__}: "
                                          f"{str(exc)[:500]}") from exc
