@@ -47,12 +47,9 @@ def environment() -> dict:
 
 def _cpu_flags() -> str:
     """The SIMD features speed figures depend on (AVX2, AVX-512, VNNI, AMX), from /proc/cpuinfo."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        return "unknown"
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return " ".join(f for f in keep if f in flags) or "none of avx2/avx512/vnni/amx"
+    from worker.engine.cpu import host_flags, int8_features
+
+    return " ".join(int8_features(host_flags())) or "none of avx2/avx512/vnni/amx"
 
 
 TARGETS = {  # the issues' targets, checked against the measured figures in RESULTS.md
