@@ -148,7 +148,7 @@ WALK = """
 import json, os
 opened, seen = [], 0
 for top, dirs, files in os.walk("/", onerror=lambda e: None):
-    if top.startswith(("/proc", "/sys", "/dev")):
+    if top.startswith(("/proc", "/sys", "/dev", "/usr")):  # /usr: the distribution's files, and most of the time
         dirs[:] = []
         continue
     for name in files:
