@@ -295,7 +295,10 @@ def bwrap_argv(jobdir: str, needed: Sequence[str], hidden: Sequence[str], tmpfs_
     """The bwrap command line: namespaces, a minimal read-only root, the job directory read-write."""
     args = [bwrap_path() or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--hostname", "sandbox", "--info-fd", str(info_fd),
-            "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", "/usr", *_root_links()]
+            "--proc", "/proc", "--dev", "/dev"]
+    for path in TMP_DIRS:  # first: a tree bound below (a checkout under /tmp, say) must stay on top of them
+        args += ["--size", str(tmpfs_bytes), "--tmpfs", path]
+    args += ["--ro-bind", "/usr", "/usr", *_root_links()]
     for name in ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     for path in HOST_READONLY:
@@ -306,8 +309,6 @@ def bwrap_argv(jobdir: str, needed: Sequence[str], hidden: Sequence[str], tmpfs_
     for path in hidden:  # a server folder inside a bound tree (a data dir inside the venv, say) is covered
         if any(_is_under(path, n) for n in needed):
             args += ["--size", str(MASK_TMPFS_BYTES), "--tmpfs", path]
-    for path in TMP_DIRS:
-        args += ["--size", str(tmpfs_bytes), "--tmpfs", path]
     args += ["--bind", jobdir, jobdir, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", jobdir, "--",
              *argv]
     return args

@@ -602,3 +602,14 @@ def test_a_worker_with_umask_077_and_a_0700_data_dir_still_starts_jobs(tmp_path:
         os.umask(old)
     assert proc.returncode == 0, err
     assert out.strip() == str(job.resolve())
+
+
+def test_a_tree_it_reads_under_tmp_stays_visible(jobdir: Path, tmp_path: Path):
+    """A checkout or venv under /tmp (CI clones into a temp folder) must not vanish under the private /tmp."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    (tree / "module.txt").write_text("from the checkout")
+    tree.chmod(0o755)
+    proc, out, err = run_py(f"print(open({str(tree / 'module.txt')!r}).read())", jobdir, readable_paths=[tree])
+    assert proc.returncode == 0, err
+    assert out.strip() == "from the checkout"
