@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import select
 
 from app import lifecycle
-from app.auth import create_key
-from app.db import new_id, session_scope, utcnow
-from app.models import Artifact, Job, Model
+from app.db import session_scope
+from app.models import Artifact, Job
 from app.services import blobs
 from app.storage import make_store
 from tests.app.routes.test_api import tiny_onnx, upload_model
+from tests.app.test_lifecycle import _job as queued_job
 
 
 def test_an_upload_landing_while_its_blob_is_freed_keeps_its_blob(api, monkeypatch):
@@ -69,16 +69,8 @@ def test_a_free_without_a_landing_upload_still_deletes(api):
 
 
 def _running_job(db) -> tuple[str, str]:
-    key, _ = create_key(db, "blobby", "k")
-    model = Model(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
-    db.add(model)
-    db.flush()
-    job = Job(id=new_id("job"), team_id=key.team_id, model_id=model.id, recipe={}, outputs=["onnx"], queue="cpu",
-              enqueued_at=utcnow())
-    db.add(job)
-    db.commit()
-    claim = lifecycle.claim(db, job.id, "w1")
-    return job.id, claim.lease
+    job_id = queued_job(db)
+    return job_id, lifecycle.claim(db, job_id, "w1").lease
 
 
 def _put(tmp_path, data: bytes) -> str:
