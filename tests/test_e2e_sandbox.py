@@ -13,6 +13,7 @@ from tests import modelzoo
 from tests.conftest import new_team_key
 from tests.stack import wait_for
 from tests.test_e2e import FAST_REAPER, digits_files, upload  # noqa: F401 - the fixture is shared
+from tests.worker.test_isolation import FORK_LOOP
 from worker import uid_slots
 
 PRUNE = {"steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}], "outputs": ["package"],
@@ -54,17 +55,7 @@ EVENT_FLOOD = 'for i in range(5000):\n    channel.send({"type": "event", "name":
 HUGE_LINE = 'channel.send({"type": "error", "code": "x", "message": "z" * (8 << 20)})'
 LONG_ERROR = 'raise RuntimeError("w" * 100_000)'
 
-FORK_BOMB_SOURCE = '''
-import os, time
-n = 0
-while n < 100_000:
-    try:
-        if os.fork() == 0:
-            time.sleep(30)
-            os._exit(0)
-        n += 1
-    except OSError:
-        break
+FORK_BOMB_SOURCE = FORK_LOOP + '''
 time.sleep(20)
 
 def build_model():

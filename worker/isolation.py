@@ -78,6 +78,7 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch
              "alternatives")
 HOST_READONLY = ("/sys/devices/system/cpu",)  # CPU topology: ONNX Runtime and torch size their thread pools
 
+_PROBE_UID = 65534  # describe()'s probe runs as nobody: it starts nothing but `python -c pass`
 _HELPER_EXIT_SETUP = 126
 _HELPER_EXIT_EXEC = 127
 
@@ -371,7 +372,7 @@ def spawn(
     report, error = _read_status(r, mode)
     if error is not None or report is None:
         _reap_failed(proc)
-        raise SandboxError(f"sandbox setup failed: {error or _exit_text(proc)}")
+        raise SandboxError(f"sandbox setup failed: {error or f'helper exited with status {proc.returncode}'}")
     proc.isolation = report  # type: ignore[attr-defined]
     return proc
 
@@ -425,10 +426,6 @@ def _reap_failed(proc: subprocess.Popen) -> None:
                 pass
 
 
-def _exit_text(proc: subprocess.Popen) -> str:
-    return f"helper exited with status {proc.returncode} before exec"
-
-
 _DESCRIBE_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
@@ -463,9 +460,6 @@ def describe(limits: SandboxLimits | None = None, *, refresh: bool = False) -> d
         shutil.rmtree(base, ignore_errors=True)
     _DESCRIBE_CACHE[key] = result
     return dict(result)
-
-
-_PROBE_UID = 65534  # describe()'s probe runs as nobody: it starts nothing but `python -c pass`
 
 
 # --------------------------------------------------------------------------- helper side

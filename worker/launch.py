@@ -65,16 +65,15 @@ class Sandbox:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
+        for f in (self.proc.stdin, self.proc.stdout):
             if f is not None and not f.closed:
                 f.close()
-        Path(self.stderr.name).unlink(missing_ok=True)
         if self.uid is not None:
             killed = uid_slots.kill_processes_of(self.uid)
             if killed:
                 log.error("job %s: %d processes of sandbox uid %d outlived it and were killed: %s", job_id,
                           len(killed), self.uid, killed)
-        self.held.close()  # releases the uid slot
+        self.held.close()  # closes and removes the stderr file, releases the uid slot
         shutil.rmtree(self.jobdir, ignore_errors=True)
 
 

@@ -441,10 +441,10 @@ def test_rlimits_applied(jobdir: Path):
     assert (jobdir / "big").stat().st_size <= 1 << 20
 
 
-FORK_BOMB = """
+FORK_LOOP = """
 import os, time
 n = 0
-while True:
+while n < 100_000:
     try:
         if os.fork() == 0:
             time.sleep(60)
@@ -452,6 +452,8 @@ while True:
         n += 1
     except OSError:
         break
+"""
+FORK_BOMB = FORK_LOOP + """
 open("forks", "w").write(str(n))
 time.sleep(60)
 """
