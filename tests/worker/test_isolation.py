@@ -611,6 +611,7 @@ def test_a_tree_it_reads_under_tmp_stays_visible(jobdir: Path, tmp_path: Path):
     tree = tmp_path / "checkout"
     tree.mkdir()
     (tree / "module.txt").write_text("from the checkout")
+    (tree / "module.txt").chmod(0o644)  # an in-process API test earlier in the run may have set umask 077
     tree.chmod(0o755)
     proc, out, err = run_py(f"print(open({str(tree / 'module.txt')!r}).read())", jobdir, readable_paths=[tree])
     assert proc.returncode == 0, err
