@@ -27,5 +27,10 @@ test: install
 bench: install
 	$(PY) -m bench.run
 
+# The README's example files (committed; this writes them again): a tiny MLP .pt2 and an eval .npz.
+.PHONY: examples
+examples: install
+	$(PY) examples/make_examples.py
+
 clean:
 	rm -rf $(VENV) .squeeze .pytest_cache
