@@ -118,8 +118,9 @@ def _int8_met(r: dict) -> bool:
 
 
 def render(results: dict[str, dict]) -> str:
-    """bench/RESULTS.md, written from the JSON results only (never by hand)."""
-    lines = ["# Benchmark results", "", "Written by `make bench` from `bench/results/*.json`; do not edit by hand.", ""]
+    """The tables of bench/RESULTS.md, written from the JSON results only (the notes after them: hand_notes)."""
+    lines = ["# Benchmark results", "", "The tables are written by `make bench` from `bench/results/*.json`; the notes "
+             "after them are written by hand and kept by each run.", ""]
     for name, result in sorted(results.items()):
         env = result["environment"]
         lines += [f"## {name}", "", f"Command: `{result['command']}` ({result['seconds']} s, {env['date']}, "
@@ -156,6 +157,16 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+NOTES_HEADING = "## Notes"
+
+
+def hand_notes(path: Path) -> str:
+    """The hand-written part of RESULTS.md (from NOTES_HEADING on: host notes, measured facts), kept by a new run."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find(f"\n{NOTES_HEADING}\n")
+    return text[at:] if at >= 0 else ""
+
+
 def main(argv: list[str]) -> None:
     names = argv or list(SUITES)
     RESULTS.mkdir(exist_ok=True)
@@ -168,7 +179,8 @@ def main(argv: list[str]) -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     everything = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
-    (RESULTS.parent / "RESULTS.md").write_text(render(everything))
+    target = RESULTS.parent / "RESULTS.md"
+    target.write_text(render(everything) + hand_notes(target))
 
 
 if __name__ == "__main__":
