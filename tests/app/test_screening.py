@@ -24,6 +24,7 @@ import pytest
 
 from app import screening
 from app.screening import ScreeningError, scan_pickle, sniff_dataset, sniff_model
+from app.screening.zips import entry_copy
 from tests.app.routes.test_upload_screening import deflated_copies, npy_zeros, slow_onnx
 
 torch = pytest.importorskip("torch")
@@ -549,7 +550,7 @@ def test_nested_zip_copy_is_capped(pt2, tmp_path):
     with zipfile.ZipFile(path) as z:
         nested = next(i for i in z.infolist() if i.filename.endswith("sample_inputs/model.pt"))
         with pytest.raises(ScreeningError) as info, \
-                screening._entry_copy(z, nested.filename, cap=nested.file_size - 1, tmp_dir=tmp_path):
+                entry_copy(z, nested.filename, cap=nested.file_size - 1, tmp_dir=tmp_path):
             pass
     assert (info.value.status, info.value.code) == (413, "zip_bomb")
 
