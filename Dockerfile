@@ -1,4 +1,4 @@
-# Squeeze: one Dockerfile, two roles (DESIGN.md §1).
+# Squeeze: one Dockerfile, two roles (docs/architecture.md#components).
 #   docker build --target api    -t squeeze-api .     # HTTP API + migrations; no torch
 #   docker build --target worker -t squeeze-worker .  # Celery worker with torch/onnx
 # For a CUDA worker pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/<cuda tag>.

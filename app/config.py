@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    # Webhooks (DESIGN.md §4). Targets on private, loopback, link-local or otherwise non-public addresses are
+    # Webhooks (docs/api.md#webhooks). Targets on private, loopback, link-local or otherwise non-public addresses are
     # refused unless their host, or a network holding their address, is listed here: comma-separated host names
     # or CIDRs, e.g. "hooks.internal,10.0.0.0/8".
     webhook_allowlist: str = ""
@@ -192,8 +192,8 @@ DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 class ClientSettings(BaseSettings):
     """The client side (app/client.py, the `squeeze` commands that talk HTTP): which server, with which key.
 
-    Read here rather than in the client so that settings stay in one module (DESIGN.md §8); none of the server's
-    settings above apply to a client, and a client reads none of them.
+    Read here rather than in the client so that settings stay in one module (docs/architecture.md, Conventions);
+    none of the server's settings above apply to a client, and a client reads none of them.
     """
 
     model_config = SettingsConfigDict(env_prefix="SQUEEZE_", extra="ignore")

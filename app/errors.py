@@ -26,7 +26,7 @@ class APIError(Exception):
 
 
 def not_found(kind: str, ident: str) -> APIError:
-    # Another team's id is indistinguishable from an unknown one (DESIGN.md §4).
+    # Another team's id is indistinguishable from an unknown one (docs/api.md, Keys and teams).
     return APIError(404, "not_found", f"{kind} {ident!r} not found", {"id": ident})
 
 

@@ -1,4 +1,4 @@
-"""The job state machine, shared by the API and the worker. The job row is the truth (DESIGN.md §6).
+"""The job state machine, shared by the API and the worker. The job row is the truth (docs/reliability.md).
 
 Every transition is one conditional UPDATE, so concurrent workers, redelivered messages and the
 reapers of several processes can race without a job running twice or being lost: `claim` only

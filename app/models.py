@@ -1,4 +1,4 @@
-"""ORM tables. The database is the source of truth for every job (DESIGN.md §1, §6)."""
+"""ORM tables. The database is the source of truth for every job (docs/reliability.md)."""
 
 from __future__ import annotations
 

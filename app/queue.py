@@ -29,7 +29,7 @@ def celery_config(settings: Settings) -> dict:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport"] = broker_files.TRANSPORT  # kombu's, without its half-written-message crash
         conf["broker_transport_options"] = {
-            # FACTS.md: in and out must be the same folder for the filesystem transport.
+            # Measured (bench/RESULTS.md): in and out must be the same folder for the filesystem transport.
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),

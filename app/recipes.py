@@ -33,7 +33,7 @@ OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
 # The runtime a format naturally runs on, used when evaluate.runtimes is not given.
 NATIVE_RUNTIME: dict[str, str] = {"pt2": "torch", "package": "torch", "hf": "torch", "onnx": "onnxruntime"}
 # torch-compile: inductor with static shapes (dynamic=False; a dynamic batch hit an inductor assertion in int8
-# conv, FACTS.md), compiled once per batch size before timing.
+# conv, bench/RESULTS.md), compiled once per batch size before timing.
 RUNTIMES_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "pt2": ("torch", "torch-compile"),
     "package": ("torch", "torch-compile"),

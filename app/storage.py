@@ -1,4 +1,4 @@
-"""Content-addressed blob storage. Blobs are written before rows (DESIGN.md §6)."""
+"""Content-addressed blob storage. Blobs are written before rows (docs/reliability.md, Rules)."""
 
 from __future__ import annotations
 

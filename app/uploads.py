@@ -1,6 +1,6 @@
 """Streams a request body (raw or multipart field `file`) to a temp file while hashing it.
 
-Memory stays flat whatever the size (FACTS.md: request.stream() beats UploadFile's spooling).
+Memory stays flat whatever the size (bench/RESULTS.md, measured facts: request.stream() beats UploadFile's spooling).
 """
 
 from __future__ import annotations
@@ -175,6 +175,6 @@ async def receive(request: Request, tmp_dir: Path, limit: int) -> Received:
         await sink.finish()
         return Received(sink.path, sink.hash.hexdigest(), sink.size, filename)
     except BaseException:
-        # A half-received upload leaves nothing behind (DESIGN.md §6).
+        # A half-received upload leaves nothing behind (docs/reliability.md, Rules).
         await sink.discard()
         raise

@@ -1,4 +1,4 @@
-"""Webhook deliveries (DESIGN.md §4): rows enqueued with the job event, sent by every API and worker process.
+"""Webhook deliveries (docs/api.md#webhooks): rows enqueued with the job event, sent by every API and worker process.
 
 A job event (`lifecycle.claim` -> started, `heartbeat` -> progress, `finish`/`reap`/cancel -> completed) adds one
 `webhook_deliveries` row per target in the same transaction as the event, so a delivery survives any restart.

@@ -1,5 +1,5 @@
 """Scale-out: one API and several workers, each with its own data dir, sharing only PostgreSQL, Redis and an
-S3-compatible bucket (DESIGN.md §1, production column). Used by `python -m bench.run scale` and by
+S3-compatible bucket (docs/operations.md#deploying). Used by `python -m bench.run scale` and by
 tests/test_e2e_scale.py.
 """
 

@@ -42,9 +42,9 @@ def build_model():
 '''
 
 
-# The benchmarks' reference sizes (FACTS.md: MLP 167k, CNN ~373k parameters): large enough that a file's fixed
-# overhead (graph structure, headers, manifests: a few KB) does not decide a size ratio, as it does for the tests'
-# small models.
+# The benchmarks' reference sizes (bench/RESULTS.md, measured facts: MLP 167k, CNN ~373k parameters): large
+# enough that a file's fixed overhead (graph structure, headers, manifests: a few KB) does not decide a size
+# ratio, as it does for the tests' small models.
 MLP_BENCH_SOURCE = MLP_SOURCE.replace("nn.Linear(64, 128), nn.ReLU(),\n        nn.Linear(128, 64), nn.ReLU(),\n"
                                       "        nn.Linear(64, 10),",
                                       "nn.Linear(64, 512), nn.ReLU(),\n        nn.Linear(512, 256), nn.ReLU(),\n"
@@ -223,7 +223,7 @@ def build_model():
     return ResNet()
 '''
 RESNET_SIZE = 16
-# The benchmark's ResNet: wider, on 32x32 inputs (FACTS.md's reference net is of this size, where compute,
+# The benchmark's ResNet: wider, on 32x32 inputs (bench/RESULTS.md's reference net is of this size, where compute,
 # not per-layer overhead, dominates latency as in real models).
 RESNET_BENCH_SOURCE = RESNET_SOURCE.replace("widths=(24, 48, 96)", "widths=(32, 64, 128)")
 RESNET_BENCH_SIZE = 32

@@ -1,4 +1,4 @@
-"""Deployment files, checked offline: no Docker engine here (FACTS.md), so lint and schema-check them."""
+"""Deployment files, checked offline: no Docker engine here (bench/RESULTS.md), so lint and schema-check them."""
 
 from __future__ import annotations
 

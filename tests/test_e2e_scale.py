@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN.md §1, production): API and workers with separate data dirs, sharing only PostgreSQL, Redis
+"""Scale-out (docs/operations.md#deploying): API and workers with separate data dirs, sharing only PostgreSQL, Redis
 and an S3-compatible bucket (moto's server)."""
 
 from __future__ import annotations
