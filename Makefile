@@ -9,14 +9,17 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned exactly in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The client package (client/: the `squeeze` command) is installed beside the server, both editable.
+$(STAMP): pyproject.toml client/pyproject.toml
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null; } \
 	  || { echo "Squeeze runs model code in bubblewrap: install it (apt-get install bubblewrap)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[worker,test]'
+	$(PY) -m pip install -q -e ./client  # after the server: an older server install owned the squeeze script
 	touch $(STAMP)
+	@echo "installed; the squeeze command is $(VENV)/bin/squeeze (source $(VENV)/bin/activate puts it on PATH)"
 
 run: install
 	$(VENV)/bin/squeeze server

@@ -1,5 +1,6 @@
 """Signing and verifying Squeeze webhooks (the Standard Webhooks scheme). No server imports: a receiver can
-copy this file, or use it through the client (`from app.client import verify_webhook`).
+copy this file, or use it through the client (`from squeeze_client import verify_webhook`: the client package ships
+this very file, client/squeeze_client/webhooks.py being a link to it).
 
 A delivery carries `webhook-id`, `webhook-timestamp` (Unix seconds) and `webhook-signature`:
 `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, several space-separated when a secret rotates.

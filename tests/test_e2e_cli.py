@@ -34,7 +34,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def squeeze(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "squeeze_client", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -43,7 +43,7 @@ def squeeze_in_terminal(env: dict[str, str], *args: str, timeout: float = 300) -
     (exit code, everything it drew)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env={**env, "TERM": "xterm-256color"},
+    proc = subprocess.Popen([sys.executable, "-m", "squeeze_client", *args], env={**env, "TERM": "xterm-256color"},
                             cwd=ROOT, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     out = bytearray()
@@ -95,6 +95,9 @@ def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_facto
     assert {"model.pt2", "report.json"} <= {p.name for p in out_dir.iterdir()}
     report = json.loads((out_dir / "report.json").read_text())
     assert report["metrics"]["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "-0.00" not in text
+    for flag in report["metrics"]["flags"]:  # each of the report's flags, with its one-line reason
+        assert re.search(rf"\n\s*{flag}: \w", text), (flag, text)
 
     # A pipeline: ids from --json, then the outcomes it branches on.
     models = json.loads(squeeze(env, "models", "list", "--json").stdout)["data"]
@@ -104,7 +107,7 @@ def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_facto
     assert len(jobs) == 1 and jobs[0]["model_id"] == model_id
     logs = squeeze(env, "jobs", "logs", jobs[0]["id"], "--follow")
     assert logs.returncode == 0 and "started" in logs.stdout and "succeeded" in logs.stdout, logs
-    from app.client import Client
+    from squeeze_client import Client
 
     with Client(stack.url, env["SQUEEZE_API_KEY"]) as sq:  # the Python client over real HTTP (SSE through uvicorn)
         events = list(sq.stream_events(jobs[0]["id"]))
@@ -139,6 +142,7 @@ def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_facto
     refused = squeeze(env, "compress", model_id, "--recipe", str(bad))
     assert refused.returncode == 3 and "recipe.steps[0].sparsity" in refused.stderr, refused
     assert refused.stdout == ""
+    uploads_once_and_checks_the_recipe_first(env, tmp_path, model_path, eval_path, bad)
     validated = squeeze(env, "recipes", "validate", str(bad))
     assert validated.returncode == 3 and "steps[0].sparsity" in validated.stderr
     assert squeeze(env, "recipes", "validate", "prune-50").returncode == 0
@@ -149,3 +153,36 @@ def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_facto
     assert wrong_key.returncode == 4 and "unauthorized" in wrong_key.stderr
     unreachable = squeeze(env, "--url", f"http://127.0.0.1:{free_port()}", "models", "list")
     assert unreachable.returncode == 9 and "cannot reach" in unreachable.stderr
+
+
+def _names(env: dict[str, str], kind: str) -> list[str]:
+    return [row["name"] for row in json.loads(squeeze(env, kind, "list", "--json").stdout)["data"]]
+
+
+def uploads_once_and_checks_the_recipe_first(env: dict[str, str], tmp_path: Path, model_path: Path, eval_path: Path,
+                                             bad_recipe: Path) -> None:
+    """A file the team has is not sent again; a file given for two roles is sent once; a bad recipe is refused
+    before anything is uploaded; the job list fits 80 columns."""
+    models, datasets = _names(env, "models"), _names(env, "datasets")
+    fresh = modelzoo.write_npz(tmp_path / "calib.npz", *modelzoo.digits_split()[:2])  # bytes the server has not seen
+    again = squeeze(env, "compress", str(model_path), "--recipe", "prune-50", "--eval", str(eval_path),
+                    "--calibration", str(fresh), "--train", str(fresh), "--no-wait")
+    assert again.returncode == 0, again
+    assert re.search(r"tests-made-model\.pt2: already uploaded as mdl_\w+ .*not sent again", again.stderr), again
+    assert re.search(r"eval\.npz: already uploaded as ds_", again.stderr), again
+    assert again.stderr.count("uploaded calib.npz") == 1, again  # calibration and train: one upload
+    assert _names(env, "models") == models and sorted(_names(env, "datasets")) == sorted([*datasets, "calib.npz"])
+    job = json.loads(squeeze(env, "jobs", "show", again.stdout.strip(), "--json").stdout)
+    assert job["datasets"]["calibration"] == job["datasets"]["train"] != job["datasets"]["eval"]
+    squeeze(env, "jobs", "cancel", job["id"])
+
+    new_model = tmp_path / "never-sent.pt2"
+    new_model.write_bytes(model_path.read_bytes() + b"\0")  # other bytes: it would be uploaded
+    refused = squeeze(env, "compress", str(new_model), "--recipe", str(bad_recipe), "--eval", str(fresh))
+    assert refused.returncode == 3 and "recipe.steps[0].sparsity" in refused.stderr, refused
+    assert "nothing was uploaded" in refused.stderr and _names(env, "models") == models
+
+    listed = squeeze({**env, "COLUMNS": "80"}, "jobs", "list")
+    rows = [line for line in listed.stdout.splitlines() if line.strip().startswith("job_")]
+    assert len(rows) == 4 and max(len(line) for line in listed.stdout.splitlines()) <= 80, listed.stdout
+    assert all(re.match(r"\s*job_[0-9a-f]{24}\s+(succeeded|failed|canceled|canceling|queued)", r) for r in rows), rows

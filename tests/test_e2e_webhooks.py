@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.client import verify_webhook  # the client's helper, as a receiver would use it
+from squeeze_client import verify_webhook  # the client package's helper, as a receiver would use it
 from tests import modelzoo
 from tests.conftest import new_team_key
 from tests.stack import wait_for

@@ -110,10 +110,12 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
         row = await files.store_upload(db, make_store(settings), settings, principal, row_type, received, name)
         return file_out(row, kind)
 
-    @router.get("", response_model=ModelPage)
+    @router.get("", response_model=ModelPage, responses=error_responses(422))
     def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
+              sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$",
+                                         description="Only the team's files with this content (lowercase hex)."),
               db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> ModelPage:
-        rows, more = files.list_owned(db, principal, row_type, limit, after)
+        rows, more = files.list_owned(db, principal, row_type, limit, after, sha256)
         return ModelPage(data=[file_out(r, kind) for r in rows], has_more=more,
                          next=rows[-1].id if more else None)
 

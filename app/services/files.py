@@ -98,9 +98,11 @@ def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) 
     return row
 
 
-def list_owned(db: Session, principal: Principal, row_type: FileRow, limit: int, after: str | None
-               ) -> tuple[list[Model | Dataset], bool]:
+def list_owned(db: Session, principal: Principal, row_type: FileRow, limit: int, after: str | None,
+               sha256: str | None = None) -> tuple[list[Model | Dataset], bool]:
     q = select(row_type).where(row_type.team_id == principal.team_id, row_type.deleted_at.is_(None))
+    if sha256:
+        q = q.where(row_type.sha256 == sha256)
     if after:
         q = q.where(row_type.id < after)
     rows = list(db.scalars(q.order_by(row_type.id.desc()).limit(limit + 1)))

@@ -1,4 +1,5 @@
-"""app/client.py against the real app in-process (TestClient is an httpx.Client) on the real database, no worker."""
+"""The client package (client/, squeeze_client) against the real app in-process (TestClient is an httpx.Client) on
+the real database, no worker."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from app import client as client_module
-from app.client import (Client, Conflict, Invalid, NotFound, TooLarge, Unauthorized, Unreachable, Unsupported,
-                        WaitTimeout)
-from app.config import client_config
+from squeeze_client import client as client_module
+from squeeze_client import (Client, Conflict, EventOut, Invalid, NotFound, TooLarge, Unauthorized, Unreachable,
+                            Unsupported, WaitTimeout, client_config, verify_webhook)
 from tests.app.routes.test_api import npz_bytes, tiny_onnx
 from tests.conftest import new_team_key
 
@@ -171,6 +171,7 @@ def test_jobs_wait_events_stream_rerun(sq, onnx_file, monkeypatch):
     seen = []
     done = sq.wait(job.id, on_progress=seen.append)
     assert done.status == "canceled" and [j.status for j in seen] == ["queued", "canceled"]
+    assert seen[0].stage == "queued"  # no stage yet: the status, never None
     assert delays[:3] == pytest.approx([0.2, 0.3, 0.45]) and delays == sorted(delays)
     assert max(delays) == 2.0  # backed off, growing to 2 s while nothing changed
     monkeypatch.undo()
@@ -213,13 +214,58 @@ def test_recipes_keys_health_sweeps_compare(api, sq, onnx_file):
     assert sq.compare_jobs_png(model.id)[:4] == b"\x89PNG"
 
 
-def test_client_and_cli_import_without_torch_or_worker():
+def test_client_and_cli_import_nothing_of_the_server():
     import subprocess
     import sys
 
     from tests.stack import ROOT
 
-    code = ("import sys, app.client, app.cli; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'worker', 'onnx', 'onnxruntime')]; "
+    code = ("import sys, squeeze_client, squeeze_client.cli; "
+            "server = ('app', 'worker', 'torch', 'onnx', 'onnxruntime', 'fastapi', 'sqlalchemy', 'psycopg', 'celery', "
+            "'pydantic_settings'); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in server]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_list_by_sha256_finds_the_teams_own_file_and_upload_reuses_it(api, sq, onnx_file, tmp_path):
+    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    assert sq.find_model(digest) is None
+    first = sq.upload_model(onnx_file, reuse=True)
+    again = sq.upload_model(onnx_file, reuse=True)  # the same bytes: found by digest, not sent
+    assert again.id == first.id and [m.id for m in sq.list_models().data] == [first.id]
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(onnx_file.read_bytes())
+    assert sq.upload_model(copy, reuse=True).id == first.id  # another name, same content
+    forced = sq.upload_model(onnx_file)  # reuse is asked for, not the default
+    assert forced.id != first.id and sq.find_model(digest).id == forced.id  # the newest first
+
+    answer = api.get("/v1/models", params={"sha256": digest}, headers=sq._auth).json()
+    assert {m["id"] for m in answer["data"]} == {first.id, forced.id}
+    other = Client(http=api, api_key=new_team_key(api, "other-team"))
+    assert other.find_model(digest) is None  # another team's file is not found by its digest
+    assert sq.find_dataset(digest) is None  # models and datasets apart
+    bad = api.get("/v1/models", params={"sha256": "ABC"}, headers=sq._auth)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request", bad.text
+
+
+def test_event_messages_are_never_none():
+    step = EventOut(id=3, type="step_done", message=None, created_at="2026-01-01T00:00:00Z",
+                    data={"index": 0, "type": "prune", "seconds": 1.25})
+    assert step.message == "step 0 (prune) done in 1.2 s"
+    done = EventOut(id=4, type="succeeded", message=None, data={}, created_at="2026-01-01T00:00:00Z")
+    assert done.message == "succeeded"
+    failed = EventOut(id=5, type="failed", message="", data={"error_code": "oom"}, created_at="2026-01-01T00:00:00Z")
+    assert failed.message == "failed: oom"
+
+
+def test_the_client_verifies_what_the_server_signs():
+    from app.webhooks_verify import new_secret, sign
+    from squeeze_client import WebhookVerificationError
+
+    secret, body = new_secret(), b'{"type": "job.completed"}'
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000",
+               "webhook-signature": sign(secret, "msg_1", 1700000000, body)}
+    verify_webhook(secret, headers, body, now=1700000010)
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(secret, headers, body + b" ", now=1700000010)

@@ -1,127 +1,44 @@
 """Python client of the Squeeze HTTP API (v1), used by the `squeeze` command and by pipelines.
 
-    from app.client import Client
+    from squeeze_client import Client
 
     with Client() as sq:                       # SQUEEZE_URL / SQUEEZE_API_KEY or ~/.config/squeeze/config.toml
-        model = sq.upload_model("model.pt2")
-        data = sq.upload_dataset("eval.npz")
+        model = sq.upload_model("model.pt2", reuse=True)   # reuse: no second copy of the same bytes
+        data = sq.upload_dataset("eval.npz", reuse=True)
         job = sq.create_job(model.id, "prune-50", eval=data.id)
-        job = sq.wait(job.id, timeout=3600, on_progress=lambda j: print(j.stage, j.progress))
+        job = sq.wait(job.id, timeout=3600, on_progress=lambda j: print(j.stage, f"{j.progress:.0%}"))
         sq.download_artifacts(job, "out/")
 
-httpx only (no torch): uploads stream from the file, downloads stream to disk, so neither holds a model in memory.
-Every error answer of the server raises a SqueezeError subclass carrying its `code`, `message` and `details`.
+httpx only (no torch, nothing of the server): uploads stream from the file, downloads stream to disk, so neither
+holds a model in memory. Every error answer of the server raises a SqueezeError subclass carrying its `code`,
+`message` and `details`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 
-from app.config import client_config
-from app.webhooks_verify import WebhookVerificationError, verify_webhook  # noqa: F401  (re-exported for receivers)
-from app.schemas import (DEFAULT_PRIORITY, Comparison, EventOut, FileOut, JobOut, JobPage, KeyCreated, KeyOut,
-                         ModelPage, RecipeValidation, SweepOut, SweepPage)
+from squeeze_client.config import client_config
+from squeeze_client.errors import Unreachable, WaitTimeout, raise_for
+from squeeze_client.transport import file_chunks, file_sha256, params, save_checked, sse, stream_size
+from squeeze_client.wire import (Comparison, EventOut, FileOut, FilePage, JobOut, JobPage, KeyCreated, KeyOut,
+                                 RecipeValidation, SweepOut, SweepPage)
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-CHUNK = 1024 * 1024
-
-
-class SqueezeError(Exception):
-    """An error answer of the server: its HTTP status and the `{"error": {code, message, details}}` it sent."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None):
-        super().__init__(f"{code}: {message}")
-        self.status, self.code, self.message, self.details = status, code, message, details or {}
-
-    @property
-    def field_errors(self) -> list[dict[str, str]]:
-        """[{field, message}] of a validation error (422), else []."""
-        return list(self.details.get("errors") or [])
-
-
-class BadRequest(SqueezeError):  # 400
-    pass
-
-
-class Unauthorized(SqueezeError):  # 401, and 403 (an admin-only route with a team key)
-    pass
-
-
-class NotFound(SqueezeError):  # 404: unknown, or another team's
-    pass
-
-
-class Conflict(SqueezeError):  # 409
-    pass
-
-
-class TooLarge(SqueezeError):  # 413
-    pass
-
-
-class Unsupported(SqueezeError):  # 415: an upload the server will not take (pickles, TorchScript)
-    pass
-
-
-class Invalid(SqueezeError):  # 422: a field names what is wrong (details.errors)
-    pass
-
-
-class ServerError(SqueezeError):  # 5xx
-    pass
-
-
-class Unreachable(SqueezeError):
-    """No answer at all: connection refused, DNS, TLS, or a timeout."""
-
-    def __init__(self, url: str, reason: str):
-        super().__init__(0, "unreachable", f"cannot reach the Squeeze server at {url}: {reason}")
-
-
-class WaitTimeout(TimeoutError):
-    """wait() gave up before the job ended; `job` is the last state seen."""
-
-    def __init__(self, job: JobOut, timeout: float):
-        super().__init__(f"job {job.id} still {job.status} after {timeout:g}s")
-        self.job = job
-
-
-_BY_STATUS: dict[int, type[SqueezeError]] = {400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound,
-                                             409: Conflict, 413: TooLarge, 415: Unsupported, 422: Invalid}
-
-
-def _raise_for(response: httpx.Response) -> None:
-    if response.is_success or response.status_code == 304:
-        return
-    response.read()
-    try:
-        err = response.json()["error"]
-        code, message, details = str(err["code"]), str(err["message"]), err.get("details") or {}
-    except (ValueError, KeyError, TypeError):
-        code, message, details = "http_error", f"HTTP {response.status_code}: {response.text[:500]}", {}
-    status = response.status_code
-    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else SqueezeError)
-    raise cls(status, code, message, details)
-
-
-def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK):
-        yield chunk
+Source = str | os.PathLike | BinaryIO
 
 
 class Client:
     """One Squeeze server and API key. `url`/`api_key` default to SQUEEZE_URL/SQUEEZE_API_KEY, then the config
-    file (see app.config.client_config). `http` injects a ready httpx.Client (tests pass FastAPI's TestClient);
-    its base URL and headers are then used as they are unless url/api_key are given."""
+    file (see squeeze_client.config). `http` injects a ready httpx.Client (tests pass FastAPI's TestClient); its
+    base URL and headers are then used as they are unless url/api_key are given."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
                  http: httpx.Client | None = None):
@@ -150,63 +67,49 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
 
+    def _unreachable(self, exc: httpx.TransportError) -> Unreachable:
+        return Unreachable(self.url, str(exc) or type(exc).__name__)
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         kwargs["headers"] = {**self._auth, **(kwargs.get("headers") or {})}
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
-        _raise_for(response)
+            raise self._unreachable(exc) from exc
+        raise_for(response)
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
 
-    def _upload(self, kind: str, source: str | os.PathLike | BinaryIO, name: str | None) -> FileOut:
-        """Streams the body from the file (Content-Length when the size is known, else chunked)."""
+    def _upload(self, kind: str, source: Source, name: str | None, reuse: bool) -> FileOut:
+        """Streams the body from the file (Content-Length when the size is known, else chunked). `reuse`: a file
+        of the team with the same SHA-256 is answered instead of sending the bytes again (paths only)."""
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
+            if reuse and (same := self._find(kind, file_sha256(path), name or path.name)) is not None:
+                return same
             with open(path, "rb") as f:
-                return self._upload(kind, f, name or path.name)
+                return self._upload(kind, f, name or path.name, reuse=False)
         headers = {"Content-Type": "application/octet-stream"}
-        try:
-            headers["Content-Length"] = str(os.fstat(source.fileno()).st_size - source.tell())
-        except (AttributeError, OSError, ValueError):
-            pass
+        if (size := stream_size(source)) is not None:
+            headers["Content-Length"] = str(size)
         if name is None and isinstance(getattr(source, "name", None), str):
             name = Path(source.name).name
-        params = {"name": name} if name else {}
-        return FileOut(**self._json("POST", f"/v1/{kind}", params=params, content=_file_chunks(source),
+        return FileOut(**self._json("POST", f"/v1/{kind}", params=params(name=name), content=file_chunks(source),
                                     headers=headers))
 
+    def _find(self, kind: str, sha256: str, name: str | None = None) -> FileOut | None:
+        """The team's newest file with this content (one named `name` first); None when it has none."""
+        rows = FilePage(**self._json("GET", f"/v1/{kind}", params={"sha256": sha256, "limit": 200})).data
+        return next((r for r in rows if r.name == name), rows[0] if rows else None)
+
     def _download(self, path: str, dest: str | os.PathLike, default_name: str | None = None) -> Path:
-        """Streams a download into `dest` (a file, or a folder to put `default_name` in), checking the SHA-256 the
-        server sent as ETag; the file appears only once complete."""
-        dest = Path(dest)
         try:
             with self._http.stream("GET", path, headers=self._auth) as response:
-                _raise_for(response)
-                if dest.is_dir():
-                    dest = dest / (default_name or _filename(response) or Path(path).name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        for chunk in response.iter_bytes(CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-                    etag = response.headers.get("etag", "").strip('"')
-                    if etag and len(etag) == 64 and etag != digest.hexdigest():
-                        raise SqueezeError(response.status_code, "checksum_mismatch",
-                                           f"{path}: downloaded bytes do not match the server's sha256 {etag}")
-                    os.replace(tmp, dest)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                return save_checked(response, path, Path(dest), default_name)
         except httpx.TransportError as exc:
-            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
-        return dest
+            raise self._unreachable(exc) from exc
 
     # -- health and keys --------------------------------------------------------------------------------------------
 
@@ -218,9 +121,9 @@ class Client:
         try:
             response = self._http.get("/readyz", headers=self._auth)
         except httpx.TransportError as exc:
-            raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+            raise self._unreachable(exc) from exc
         if response.status_code not in (200, 503):
-            _raise_for(response)
+            raise_for(response)
         return response.json()
 
     def create_key(self, team: str, name: str = "default", admin: bool = False) -> KeyCreated:
@@ -235,11 +138,15 @@ class Client:
 
     # -- models and datasets ----------------------------------------------------------------------------------------
 
-    def upload_model(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> FileOut:
-        return self._upload("models", source, name)
+    def upload_model(self, source: Source, name: str | None = None, reuse: bool = False) -> FileOut:
+        return self._upload("models", source, name, reuse)
 
-    def list_models(self, limit: int = 50, after: str | None = None) -> ModelPage:
-        return ModelPage(**self._json("GET", "/v1/models", params=_params(limit=limit, after=after)))
+    def find_model(self, sha256: str) -> FileOut | None:
+        """The team's newest model with this SHA-256 (lowercase hex), or None."""
+        return self._find("models", sha256)
+
+    def list_models(self, limit: int = 50, after: str | None = None) -> FilePage:
+        return FilePage(**self._json("GET", "/v1/models", params=params(limit=limit, after=after)))
 
     def get_model(self, model_id: str) -> FileOut:
         return FileOut(**self._json("GET", f"/v1/models/{model_id}"))
@@ -250,11 +157,15 @@ class Client:
     def download_model(self, model_id: str, dest: str | os.PathLike) -> Path:
         return self._download(f"/v1/models/{model_id}/file", dest)
 
-    def upload_dataset(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> FileOut:
-        return self._upload("datasets", source, name)
+    def upload_dataset(self, source: Source, name: str | None = None, reuse: bool = False) -> FileOut:
+        return self._upload("datasets", source, name, reuse)
 
-    def list_datasets(self, limit: int = 50, after: str | None = None) -> ModelPage:
-        return ModelPage(**self._json("GET", "/v1/datasets", params=_params(limit=limit, after=after)))
+    def find_dataset(self, sha256: str) -> FileOut | None:
+        """The team's newest dataset with this SHA-256 (lowercase hex), or None."""
+        return self._find("datasets", sha256)
+
+    def list_datasets(self, limit: int = 50, after: str | None = None) -> FilePage:
+        return FilePage(**self._json("GET", "/v1/datasets", params=params(limit=limit, after=after)))
 
     def get_dataset(self, dataset_id: str) -> FileOut:
         return FileOut(**self._json("GET", f"/v1/datasets/{dataset_id}"))
@@ -269,18 +180,18 @@ class Client:
 
     def create_job(self, model_id: str, recipe: dict[str, Any] | str, *, calibration: str | None = None,
                    train: str | None = None, eval: str | None = None, metadata: dict[str, Any] | None = None,
-                   idempotency_key: str | None = None, priority: int = DEFAULT_PRIORITY) -> JobOut:
-        """`recipe`: a recipe object or a preset name; datasets by id; `priority` 0 (lowest) to 9 (highest). A
-        replay of `idempotency_key` answers the job it created."""
-        body = {"model_id": model_id, "recipe": recipe, "metadata": metadata or {}, "priority": priority,
-                "datasets": _params(calibration=calibration, train=train, eval=eval)}
+                   idempotency_key: str | None = None, priority: int | None = None) -> JobOut:
+        """`recipe`: a recipe object or a preset name; datasets by id; `priority` 0 (lowest) to 9 (highest), the
+        server's default when None. A replay of `idempotency_key` answers the job it created."""
+        body = params(model_id=model_id, recipe=recipe, metadata=metadata or {}, priority=priority,
+                      datasets=params(calibration=calibration, train=train, eval=eval))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobOut(**self._json("POST", "/v1/jobs", json=body, headers=headers))
 
     def list_jobs(self, status: str | None = None, model_id: str | None = None, limit: int = 50,
                   after: str | None = None) -> JobPage:
-        params = _params(status=status, model_id=model_id, limit=limit, after=after)
-        return JobPage(**self._json("GET", "/v1/jobs", params=params))
+        query = params(status=status, model_id=model_id, limit=limit, after=after)
+        return JobPage(**self._json("GET", "/v1/jobs", params=query))
 
     def iter_jobs(self, status: str | None = None, model_id: str | None = None) -> Iterator[JobOut]:
         """Every job (newest first), page after page."""
@@ -321,8 +232,8 @@ class Client:
                 # No read timeout: the stream is quiet between events of a long step.
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/events", params={"stream": "true"},
                                        headers=headers, timeout=httpx.Timeout(self.timeout, read=None)) as response:
-                    _raise_for(response)
-                    for kind, data in _sse(response.iter_lines()):
+                    raise_for(response)
+                    for kind, data in sse(response.iter_lines()):
                         failures = 0
                         if kind == "end":
                             return
@@ -333,14 +244,15 @@ class Client:
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > reconnects:
-                    raise Unreachable(self.url, str(exc) or type(exc).__name__) from exc
+                    raise self._unreachable(exc) from exc
                 time.sleep(min(0.5 * 2 ** failures, 5.0))
 
     def wait(self, job_id: str, timeout: float | None = None, on_progress: Callable[[JobOut], None] | None = None,
              interval: float = 0.2, max_interval: float = 2.0) -> JobOut:
         """Polls the job until it ends (succeeded, failed or canceled) and returns it; WaitTimeout past `timeout`
-        seconds. `on_progress(job)` is called on every change of status, stage or progress. The poll interval
-        grows from `interval` to `max_interval` while nothing changes and starts over when something does."""
+        seconds. `on_progress(job)` is called on every change of status, stage or progress (`job.stage` is never
+        None: the status stands in before the first stage). The poll interval grows from `interval` to
+        `max_interval` while nothing changes and starts over when something does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple | None = None
         delay = interval
@@ -365,6 +277,10 @@ class Client:
     def download_artifact(self, job_id: str, name: str, dest: str | os.PathLike) -> Path:
         """`dest`: a file path, or a folder to write `name` into."""
         return self._download(f"/v1/jobs/{job_id}/artifacts/{name}", dest, default_name=name)
+
+    def artifact_json(self, job_id: str, name: str = "report.json") -> Any:
+        """A JSON artifact read into memory (report.json by default)."""
+        return self._json("GET", f"/v1/jobs/{job_id}/artifacts/{name}")
 
     def download_artifacts(self, job: JobOut | str, folder: str | os.PathLike) -> list[Path]:
         """Every artifact of the job into `folder` (created), under its own name."""
@@ -392,63 +308,29 @@ class Client:
     def create_sweep(self, model_id: str, recipe: dict[str, Any] | str, grid: dict[str, list[Any]],
                      objective: str | dict[str, float], *, calibration: str | None = None, train: str | None = None,
                      eval: str | None = None, metadata: dict[str, Any] | None = None,
-                     idempotency_key: str | None = None, priority: int = DEFAULT_PRIORITY) -> SweepOut:
-        body = {"model_id": model_id, "recipe": recipe, "grid": grid, "objective": objective,
-                "metadata": metadata or {}, "priority": priority, "datasets": _params(calibration=calibration, train=train, eval=eval)}
+                     idempotency_key: str | None = None, priority: int | None = None) -> SweepOut:
+        body = params(model_id=model_id, recipe=recipe, grid=grid, objective=objective, metadata=metadata or {},
+                      priority=priority, datasets=params(calibration=calibration, train=train, eval=eval))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return SweepOut(**self._json("POST", "/v1/sweeps", json=body, headers=headers))
 
     def get_sweep(self, sweep_id: str, runtime: str | None = None, batch_size: int | None = None) -> SweepOut:
-        params = _params(runtime=runtime, batch_size=batch_size)
-        return SweepOut(**self._json("GET", f"/v1/sweeps/{sweep_id}", params=params))
+        query = params(runtime=runtime, batch_size=batch_size)
+        return SweepOut(**self._json("GET", f"/v1/sweeps/{sweep_id}", params=query))
 
     def list_sweeps(self, model_id: str | None = None, limit: int = 50, after: str | None = None) -> SweepPage:
-        return SweepPage(**self._json("GET", "/v1/sweeps", params=_params(model_id=model_id, limit=limit,
-                                                                          after=after)))
+        query = params(model_id=model_id, limit=limit, after=after)
+        return SweepPage(**self._json("GET", "/v1/sweeps", params=query))
 
     def sweep_pareto_png(self, sweep_id: str, runtime: str | None = None, batch_size: int | None = None) -> bytes:
-        params = _params(runtime=runtime, batch_size=batch_size)
-        return self._request("GET", f"/v1/sweeps/{sweep_id}/pareto.png", params=params).content
+        query = params(runtime=runtime, batch_size=batch_size)
+        return self._request("GET", f"/v1/sweeps/{sweep_id}/pareto.png", params=query).content
 
     def compare_jobs(self, model_id: str, runtime: str | None = None, batch_size: int | None = None,
                      limit: int = 500) -> Comparison:
-        params = _params(runtime=runtime, batch_size=batch_size, limit=limit)
-        return Comparison(**self._json("GET", f"/v1/models/{model_id}/jobs/compare", params=params))
+        query = params(runtime=runtime, batch_size=batch_size, limit=limit)
+        return Comparison(**self._json("GET", f"/v1/models/{model_id}/jobs/compare", params=query))
 
     def compare_jobs_png(self, model_id: str, runtime: str | None = None, batch_size: int | None = None) -> bytes:
-        params = _params(runtime=runtime, batch_size=batch_size)
-        return self._request("GET", f"/v1/models/{model_id}/jobs/compare.png", params=params).content
-
-
-def _params(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _filename(response: httpx.Response) -> str | None:
-    disposition = response.headers.get("content-disposition", "")
-    for part in disposition.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == "filename" and value:
-            return Path(value.strip('"')).name or None
-    return None
-
-
-def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) of each server-sent event; comments and fields other than event/data are skipped."""
-    kind, data = "message", []
-    for line in lines:
-        if not line:
-            if data:
-                yield kind, "\n".join(data)
-            kind, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                kind = value
-            elif field == "data":
-                data.append(value)
-    if data:
-        yield kind, "\n".join(data)
+        query = params(runtime=runtime, batch_size=batch_size)
+        return self._request("GET", f"/v1/models/{model_id}/jobs/compare.png", params=query).content

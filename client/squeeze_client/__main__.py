@@ -1,0 +1,3 @@
+from squeeze_client.cli import main
+
+main()

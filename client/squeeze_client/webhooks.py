@@ -1,0 +1,1 @@
+../../app/webhooks_verify.py
