@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Without bubblewrap the worker refuses to run model code. True lets it run with rlimits, an empty environment
     # and its own session only (no namespaces: host files, processes and network reachable): a single-user laptop.
     sandbox_allow_weak: bool = False
+    # Where the host delegates cgroups (v2, or v1 per controller) each sandbox gets one: memory (replacing
+    # RLIMIT_AS), processes (sandbox_max_processes) and CPU (sandbox_threads cores). False: rlimits only.
+    sandbox_cgroups: bool = True
     # Sandboxes each worker process keeps started ahead of their job (interpreter up, torch and ONNX Runtime
     # imported), made while it runs no job; each runs one job only. 0: every job starts its own.
     sandbox_warm: int = Field(1, ge=0, le=8)

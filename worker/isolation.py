@@ -15,6 +15,9 @@ Debian package ``bubblewrap``, the sandbox Flatpak uses), so that it
 * runs as the job's own uid (one per concurrent slot, :mod:`worker.uid_slots`)
   under rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC`` per uid, ``CORE=0``),
   with no capabilities, ``no_new_privs`` and no further user namespaces;
+* where the host delegates cgroups, in a cgroup of its own
+  (:mod:`worker.cgroups`: memory, pids, cpu); its memory limit then replaces
+  ``RLIMIT_AS`` (resident memory, not address space, is what runs out);
 * dies whole: ``--die-with-parent`` and the PID namespace's init end every
   process the job started when the job's main process ends or is killed.
 
@@ -39,6 +42,7 @@ This module must stay stdlib-only: it runs as the helper with ``-I -S``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -52,7 +56,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 __all__ = [
     "SandboxError",
@@ -99,7 +103,7 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    memory_bytes: int  # RLIMIT_AS
+    memory_bytes: int  # the cgroup's memory limit where there is one, else RLIMIT_AS
     cpu_seconds: int  # RLIMIT_CPU (soft; SIGKILL 5 s later)
     file_bytes: int  # RLIMIT_FSIZE
     max_processes: int  # RLIMIT_NPROC, per uid: applied when the job has a uid of its own
@@ -329,6 +333,7 @@ def spawn(
     extra_env: dict[str, str] | None = None,
     readable_paths: Sequence[Path | str] = (),
     hidden_paths: Sequence[Path | str] = (),
+    cgroup: Any = None,
 ) -> subprocess.Popen:
     """Start ``argv`` isolated in ``jobdir``; return the Popen of the sandbox.
 
@@ -337,7 +342,8 @@ def spawn(
     ``isolation`` attribute is the dict of protections applied (the shape of
     :func:`describe`).  Raises :class:`SandboxError` when the sandbox cannot be
     started with its protections.  ``readable_paths``: further trees the child
-    reads; ``hidden_paths``: server folders to cover should a bound tree hold one.
+    reads; ``hidden_paths``: server folders to cover should a bound tree hold one;
+    ``cgroup``: a :class:`worker.cgroups.JobCgroup` the sandbox joins before anything else.
     """
     if not argv:
         raise ValueError("argv is empty")
@@ -363,6 +369,7 @@ def spawn(
                        "file_bytes": int(limits.file_bytes), "max_processes": int(limits.max_processes)},
             "plan": _plan_reveal([*needed, jobdir_s], uid, gid) if mode == "bwrap-root" else [],
             "parent_pid": os.getpid(), "status_fd": w,
+            "cgroup": {**cgroup.describe, "procs": cgroup.procs_files} if cgroup is not None else None,
         }
         helper = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config), "--", *target]
         proc = subprocess.Popen(helper, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd="/",
@@ -449,17 +456,35 @@ def describe(limits: SandboxLimits | None = None, *, refresh: bool = False) -> d
     try:
         jobdir = Path(base) / "job"
         prepare_jobdir(jobdir, limits)
-        try:
-            proc = spawn([sys.executable, "-I", "-S", "-c", "pass"], jobdir, limits,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        except SandboxError as exc:
-            return {"mode": "unavailable", "error": str(exc)}
-        proc.wait()
+        with _probe_cgroup(limits) as group:
+            try:
+                proc = spawn([sys.executable, "-I", "-S", "-c", "pass"], jobdir, limits, cgroup=group,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except SandboxError as exc:
+                return {"mode": "unavailable", "error": str(exc)}
+            proc.wait()
         result = dict(proc.isolation)  # type: ignore[attr-defined]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     _DESCRIBE_CACHE[key] = result
     return dict(result)
+
+
+@contextlib.contextmanager
+def _probe_cgroup(limits: SandboxLimits) -> Iterator[Any]:
+    """The cgroup describe()'s probe runs in, as a job's would (None where the host delegates none)."""
+    from worker import cgroups  # not at the top: the helper runs this file stdlib-only, without the package
+
+    try:
+        group = cgroups.create(f"probe-{os.getpid()}", cgroups.CgroupLimits(limits.memory_bytes,
+                                                                            limits.max_processes, 1.0))
+    except OSError:
+        group = None
+    try:
+        yield group if group is not None and group.dirs else None
+    finally:
+        if group is not None:
+            group.close()
 
 
 # --------------------------------------------------------------------------- helper side
@@ -508,6 +533,19 @@ def _reveal(libc, plan: list[dict[str, Any]], report: dict[str, Any]) -> None:
     report["revealed_paths"] = sorted(op["path"] for op in plan if op["op"] == "bind")
 
 
+def _join_cgroup(cfg: dict[str, Any], report: dict[str, Any]) -> None:
+    """Moves the helper (so everything it starts) into the job's cgroups, before the uid drop."""
+    group = cfg["cgroup"]
+    if not group:
+        report["missing"].append("no cgroup (the host delegates none): memory, processes and CPU are bounded "
+                                 "by rlimits only")
+        return
+    for procs in group["procs"]:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    report["cgroup"] = {k: v for k, v in group.items() if k != "procs"}
+
+
 def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Any], *, nproc: bool) -> None:
     lim = cfg["limits"]
     applied = {}
@@ -520,7 +558,9 @@ def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Any], *, nproc: bool) 
         resource.setrlimit(res, (soft, hard))
         applied[name] = soft
 
-    setl("AS", resource.RLIMIT_AS, lim["memory_bytes"], lim["memory_bytes"])
+    memory_cgroup = "memory" in ((cfg["cgroup"] or {}).get("controllers") or ())
+    if not memory_cgroup:
+        setl("AS", resource.RLIMIT_AS, lim["memory_bytes"], lim["memory_bytes"])
     setl("CPU", resource.RLIMIT_CPU, lim["cpu_seconds"], lim["cpu_seconds"] + 5)
     setl("FSIZE", resource.RLIMIT_FSIZE, lim["file_bytes"], lim["file_bytes"])
     setl("CORE", resource.RLIMIT_CORE, 0, 0)
@@ -529,7 +569,8 @@ def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Any], *, nproc: bool) 
     else:
         report["missing"].append("RLIMIT_NPROC not applied (it would count all processes of the caller's own uid)")
     report["rlimits"] = applied
-    report["resource_control"] = "rlimits"
+    group = cfg["cgroup"]
+    report["resource_control"] = f"cgroup {group['version']} + rlimits" if group else "rlimits"
 
 
 def _drop_uid(cfg: dict[str, Any], report: dict[str, Any]) -> None:
@@ -562,6 +603,7 @@ def _new_report(cfg: dict[str, Any]) -> dict[str, Any]:
 def _setup(cfg: dict[str, Any], report: dict[str, Any]) -> None:
     libc = _libc()
     root = cfg["mode"] == "bwrap-root"
+    _join_cgroup(cfg, report)
     if root:
         _reveal(libc, cfg["plan"], report)
     _apply_rlimits(cfg, report, nproc=root)

@@ -8,7 +8,8 @@ directory meanwhile. A cold start stages while the sandbox imports; a warm one w
 :class:`WarmPool` keeps ``SQUEEZE_SANDBOX_WARM`` sandboxes per worker process started ahead, made while the
 worker has no job running (warming up costs CPU a running job's timings would feel). A warm sandbox is started
 before any team is known and runs one job only: it is thrown away after it, so nothing carries from one job
-(or team) to the next. It is used only for a job whose memory limit is the floor it was started with.
+(or team) to the next. Where its memory limit is a cgroup's (worker/cgroups.py), the limit is set to the
+job's when it is handed over; under RLIMIT_AS alone it serves only jobs at the floor it was started with.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Iterator
 
 from app.config import Settings
-from worker import isolation, uid_slots
+from worker import cgroups, isolation, uid_slots
 
 log = logging.getLogger("squeeze.launch")
 
@@ -43,6 +44,7 @@ class Sandbox:
     limits: isolation.SandboxLimits
     warm: bool
     held: ExitStack = field(repr=False)
+    cgroup: cgroups.JobCgroup | None = None
 
     @property
     def uid(self) -> int | None:
@@ -50,6 +52,22 @@ class Sandbox:
 
     def describe(self) -> dict:
         return {**getattr(self.proc, "isolation", {}), "warm": self.warm, "host_pid": self.proc.pid}
+
+    def fit_memory(self, memory_bytes: int) -> bool:
+        """Gives the sandbox this memory limit if its cgroup can take it now; False where it cannot."""
+        if memory_bytes == self.limits.memory_bytes:
+            return True
+        if self.cgroup is None or not self.cgroup.set_memory(memory_bytes):
+            return False
+        self.limits = replace(self.limits, memory_bytes=memory_bytes)
+        return True
+
+    def peak_memory_bytes(self) -> int | None:
+        return self.cgroup.peak_memory_bytes() if self.cgroup is not None else None
+
+    def out_of_memory(self) -> bool:
+        """The kernel's OOM killer ended a process of the job (its cgroup's memory limit was reached)."""
+        return self.cgroup is not None and self.cgroup.oom_kills() > 0
 
     def go(self) -> None:
         """The job is staged: give its files to the job's uid and let the sandbox run it."""
@@ -68,8 +86,13 @@ class Sandbox:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None and not f.closed:
                 f.close()
+        if self.cgroup is not None:
+            killed = self.cgroup.close()
+            if killed:
+                log.error("job %s: %d processes of the sandbox's cgroup outlived it and were killed: %s", job_id,
+                          len(killed), killed)
         if self.uid is not None:
-            killed = uid_slots.kill_processes_of(self.uid)
+            killed = uid_slots.kill_processes_of(self.uid, grace=2.0)  # the namespace's teardown
             if killed:
                 log.error("job %s: %d processes of sandbox uid %d outlived it and were killed: %s", job_id,
                           len(killed), self.uid, killed)
@@ -99,6 +122,19 @@ def _job_uid(settings: Settings) -> Iterator[int | None]:
         yield uid
 
 
+def _job_cgroup(settings: Settings, name: str, limits: isolation.SandboxLimits) -> cgroups.JobCgroup | None:
+    """The sandbox's cgroup (named for its uid slot, so a dead worker's leftover is replaced by the slot's next
+    holder), or None where the host delegates none or SQUEEZE_SANDBOX_CGROUPS is off."""
+    if not settings.sandbox_cgroups or not cgroups.hierarchies():
+        return None
+    name = f"uid-{limits.uid}" if limits.uid is not None else f"job-{name}"
+    try:
+        return cgroups.create(name, cgroups.CgroupLimits(limits.memory_bytes, limits.max_processes,
+                                                         float(settings.threads)))
+    except OSError as exc:
+        raise isolation.SandboxError(f"could not make the sandbox's cgroup {name}: {exc}") from exc
+
+
 def server_paths(settings: Settings) -> list[Path]:
     """The server's own folders: covered in the sandbox should a tree it reads (the venv, say) hold one."""
     paths = [settings.data_dir]
@@ -119,16 +155,19 @@ def start(settings: Settings, name: str, memory_bytes: int, *, warm: bool = Fals
         isolation.prepare_jobdir(jobdir, limits)
         stderr = held.enter_context(open(jobdir.parent / f"{name}.stderr", "w+b"))
         held.callback(Path(stderr.name).unlink, missing_ok=True)
+        group = _job_cgroup(settings, name, limits)
+        if group is not None:
+            held.callback(group.close)  # before the uid slot is released (the stack unwinds in reverse)
         proc = isolation.spawn([sys.executable, "-I", "-m", "worker.sandbox", "--warm", str(jobdir)], jobdir,
                                limits, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                               hidden_paths=server_paths(settings),
+                               hidden_paths=server_paths(settings), cgroup=group,
                                extra_env={"OMP_NUM_THREADS": str(settings.threads)})
     except BaseException:
         held.close()
         if "jobdir" in locals():
             shutil.rmtree(jobdir, ignore_errors=True)
         raise
-    return Sandbox(proc, jobdir, stderr, limits, warm, held)
+    return Sandbox(proc, jobdir, stderr, limits, warm, held, group)
 
 
 class WarmPool:
@@ -143,11 +182,9 @@ class WarmPool:
         """A warm sandbox for a job with this memory limit, if one is ready; counts the job as running."""
         with self.cond:
             self.running += 1
-            if memory_bytes != self.settings.sandbox_memory_bytes:
-                return None
             while self.ready:
                 sandbox = self.ready.pop(0)
-                if sandbox.proc.poll() is None:
+                if sandbox.proc.poll() is None and sandbox.fit_memory(memory_bytes):
                     return sandbox
                 sandbox.close()
         return None

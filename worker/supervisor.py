@@ -87,11 +87,11 @@ class _EventBudget:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """The sandbox's address-space limit for one job, scaled to the size of the models it loads."""
+    """The sandbox's memory limit for one job, scaled to the size of the models it loads."""
 
     input_bytes: int  # the model file plus any teacher models
     needed_bytes: int  # overhead + per_model_byte x input_bytes
-    limit_bytes: int  # what RLIMIT_AS is set to: needed, raised to the floor, lowered to the cap
+    limit_bytes: int  # the sandbox's memory limit (its cgroup's, else RLIMIT_AS): needed, floored, capped
     cap_bytes: int
 
     @property
@@ -335,7 +335,17 @@ def _supervise(claim, settings, store, sandbox: launch.Sandbox, memory: MemoryBu
         if confirmed:  # the result is reported only while the database answers and the lease holds
             break
     code = proc.wait()
+    if code != 0 and sandbox.out_of_memory():
+        return _out_of_memory(sandbox, memory)
     return _outcome(code, said.result, said.error, jobdir, store, settings, claim, stderr, memory)
+
+
+def _out_of_memory(sandbox: launch.Sandbox, memory: MemoryBudget) -> Outcome:
+    peak = sandbox.peak_memory_bytes()
+    return Outcome("failed", "resource_limit",
+                   f"the sandbox ran out of memory: its cgroup's limit of {_gib(memory.limit_bytes)} was reached"
+                   + (f" (peak {_gib(peak)})" if peak else "") + "; the kernel ended the job. Give the worker "
+                   "more memory per model byte (SQUEEZE_SANDBOX_MEMORY_PER_MODEL_BYTE) or a smaller model")
 
 
 def _output_limit(claim, exc: OutputLimit) -> Outcome:

@@ -39,9 +39,13 @@ def processes_of(uid: int) -> list[int]:
     return found
 
 
-def kill_processes_of(uid: int, timeout: float = 5.0) -> list[int]:
-    """SIGKILLs every process of ``uid`` until none is left; returns the pids that had to be killed."""
+def kill_processes_of(uid: int, timeout: float = 5.0, grace: float = 0.0) -> list[int]:
+    """SIGKILLs every process of ``uid`` until none is left; returns the pids that had to be killed. ``grace``:
+    seconds to let processes already being torn down (a PID namespace whose init died) end on their own first."""
     killed: list[int] = []
+    settle = time.monotonic() + grace
+    while processes_of(uid) and time.monotonic() < settle:
+        time.sleep(0.02)
     deadline = time.monotonic() + timeout
     while pids := processes_of(uid):
         for pid in pids:

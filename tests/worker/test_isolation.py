@@ -476,7 +476,8 @@ def test_a_fork_bomb_is_capped_per_job_and_another_job_still_starts(tmp_path: Pa
     finally:
         os.killpg(bomb.pid, signal.SIGKILL)
         bomb.wait()
-    assert uid_slots.kill_processes_of(UIDS[0]) == []  # the PID namespace took every fork with it
+    # the PID namespace takes every fork with it (the kernel's teardown may take a moment)
+    assert uid_slots.kill_processes_of(UIDS[0], grace=5.0) == []
 
 
 # --------------------------------------------------------------------------- slots
@@ -563,10 +564,10 @@ def test_describe_reports_what_is_applied():
     assert info["mode"] == ("bwrap-root" if ROOT else "bwrap-user"), info
     assert set(info["namespaces"]) >= {"pid", "net", "ipc", "mnt", "uts", "user"}
     assert info["empty_environment"] and info["own_process_group"] and info["no_new_privs"] and info["pdeathsig"]
-    assert set(info["rlimits"]) >= {"AS", "CPU", "FSIZE", "CORE"}
-    assert info["resource_control"] == "rlimits"
-    if ROOT:
-        assert info["per_job_uid"] and info["uid"] != 0 and info["missing"] == []
+    assert set(info["rlimits"]) >= {"CPU", "FSIZE", "CORE"}  # AS too, unless a memory cgroup replaces it
+    if ROOT:  # tests/worker/test_cgroups.py covers the cgroup, and its "missing" line on a host without one
+        assert info["per_job_uid"] and info["uid"] != 0
+        assert [m for m in info["missing"] if not m.startswith("no cgroup")] == []
 
 
 def test_open_job_file_refuses_planted_links(jobdir: Path):
