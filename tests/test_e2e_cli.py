@@ -70,14 +70,22 @@ def squeeze_in_terminal(env: dict[str, str], *args: str, timeout: float = 300) -
     return proc.wait(timeout=30), out.decode(errors="replace")
 
 
-def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_factory, tmp_path):
+def live_stack_and_files(stack_factory, tmp_path: Path, model_name: str, epochs: int):
+    """A live API and worker, a trained MLP exported to `model_name` and its eval set: (stack, model, eval, server
+    settings for a new team's key)."""
     _, _, x_test, y_test = modelzoo.digits_split()
-    model_path = modelzoo.export_pt2(modelzoo.train_mlp(epochs=5), x_test, tmp_path / "tests-made-model.pt2")
+    model_path = modelzoo.export_pt2(modelzoo.train_mlp(epochs=epochs), x_test, tmp_path / model_name)
     eval_path = modelzoo.write_npz(tmp_path / "eval.npz", x_test, y_test)
     stack = stack_factory("sqlite", **FAST_REAPER)
     stack.start_api()
     stack.start_worker(concurrency=1)
-    env = cli_env(tmp_path, SQUEEZE_URL=stack.url, SQUEEZE_API_KEY=new_team_key(stack.admin, "cli"))
+    server = {"SQUEEZE_URL": stack.url, "SQUEEZE_API_KEY": new_team_key(stack.admin, "cli")}
+    return stack, model_path, eval_path, server
+
+
+def test_cli_compress_live_progress_results_artifacts_and_exit_codes(stack_factory, tmp_path):
+    stack, model_path, eval_path, server = live_stack_and_files(stack_factory, tmp_path, "tests-made-model.pt2", 5)
+    env = cli_env(tmp_path, **server)
 
     # An engineer in a terminal: the file is uploaded, a live bar follows the stages, then the table and files.
     out_dir = tmp_path / "out"

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.text import Text
 
 EXIT_CODES = {
     0: "success",
@@ -30,8 +31,10 @@ EXIT_CODES_HELP = ("\b\nExit codes (for pipelines):\n" + "\n".join(f"  {c}  {w}"
                    + "\n\nServer and API key: --url/--api-key, else SQUEEZE_URL/SQUEEZE_API_KEY, else url/api_key in"
                    "\n~/.config/squeeze/config.toml or config.json (SQUEEZE_CONFIG names another file).")
 
-console = Console(soft_wrap=True)  # results on stdout; ids, keys and URLs stay copyable on one line
-err = Console(stderr=True, soft_wrap=True)  # progress and messages; stdout carries results (and --json)
+# No markup: what the server and the user wrote (messages, names, `[worker]` in a hint) is printed as it is; styles
+# are given as Text styles.
+console = Console(soft_wrap=True, markup=False)  # results on stdout; ids, keys and URLs stay copyable on one line
+err = Console(stderr=True, soft_wrap=True, markup=False)  # progress and messages; stdout: results (and --json)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the answer as JSON on stdout.")
 WIDE_OPTION = typer.Option(False, "--wide", help="Every column, however wide the terminal.")
@@ -56,7 +59,7 @@ def make_client(ctx: typer.Context):
 
 
 def fail(code: int, message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     return typer.Exit(code)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from squeeze_client.cli.common import (CANCELED, GUARD_FAILED, INVALID, JOB_FAILED, JSON_OPTION, OK, console, dump,
                                        err, fail, http_command, make_client, print_field_errors)
@@ -68,7 +69,7 @@ def _report(client, job, output: Path | None, as_json: bool) -> None:
     if as_json:
         return dump({**job.model_dump(mode="json"), "downloaded": [str(p) for p in paths]})
     if job.error:
-        err.print(f"[red]{job.error.code}:[/] {job.error.message}", highlight=False)
+        err.print(Text.assemble((f"{job.error.code}:", "red"), " ", job.error.message), highlight=False)
     if job.metrics:
         print_results(console, job)
     for p in paths:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.text import Text
 
 from squeeze_client.cli.common import JSON_OPTION, WIDE_OPTION, console, dump, http_command, make_client, size
 from squeeze_client.cli.compress import outcome
@@ -28,8 +29,8 @@ def jobs_list(ctx: typer.Context,
 
 
 def _print_job(job) -> None:
-    console.print(f"job [bold]{job.id}[/]  status {job.status}  progress {job.progress:.0%}  stage {job.stage}",
-                  highlight=False)
+    console.print(Text.assemble("job ", (job.id, "bold"), f"  status {job.status}  progress {job.progress:.0%}  "
+                                                       f"stage {job.stage}"), highlight=False)
     if job.error:
         console.print(f"error {job.error.code}: {job.error.message}", highlight=False)
     if job.metrics:

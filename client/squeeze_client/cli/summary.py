@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from squeeze_client.cli.common import num, signed, size
 
@@ -39,7 +40,7 @@ def _accuracy_change(drop: float | None) -> str:
 def _guard_rows(table: Table, guard: dict | None) -> None:
     if guard is None:
         return
-    table.add_row("guard", "", "[green]passed[/]" if guard["passed"] else "[red]failed[/]", "")
+    table.add_row("guard", "", Text("passed", "green") if guard["passed"] else Text("failed", "red"), "")
     for c in guard["checks"]:
         table.add_row(f"  {c['bound']}", f"limit {c['limit']}", num(c.get("measured")),
                       "ok" if c["passed"] else "missed")

@@ -17,7 +17,8 @@ def _table(*columns: str, wide: bool) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column in columns:
         free = column in FREE_TEXT
-        table.add_column(column, no_wrap=not free, overflow="fold" if wide else "ellipsis", min_width=8 if free else None)
+        table.add_column(column, no_wrap=not free, overflow="fold" if wide else "ellipsis",
+                         min_width=8 if free else None)
     return table
 
 
