@@ -1,12 +1,12 @@
-"""Static screening of uploaded models and datasets (DESIGN.md §6, §7).
+"""Static screening of uploaded models and datasets (the rules: docs/reliability.md, "Hostile input").
 
 Nothing here deserializes an upload: zips are read through their directory and streamed, pickles
 are walked opcode by opcode with `pickletools.genops` (never executed), ONNX is walked at the
-protobuf wire level, and .npy / safetensors headers are parsed as data.
+protobuf wire level, and .npy / safetensors headers and the .pt2 program's JSON are parsed as data.
 Standard library only: the API process must not import torch or onnx.
 
 One module per format (pt2, onnx_model, package, hf, npz, safetensors_header), the shared parts beside them
-(common, zips, pickles, protobuf), and child: `screen` runs sniff_model / sniff_dataset in a child
+(common, zips, pickles, protobuf, inputs), and child: `screen` runs sniff_model / sniff_dataset in a child
 process with a time budget.
 """
 

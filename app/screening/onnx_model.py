@@ -1,11 +1,12 @@
 """ONNX models, walked at the protobuf wire level: the ModelProto's fields, every TensorProto wherever it nests (no
-external data) and the opsets."""
+external data), the opsets, and the graph's inputs."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from app.screening.common import ScreeningError, Sniffed, truncated
+from app.screening.onnx_inputs import onnx_inputs
 from app.screening.protobuf import WireError, fields, text
 
 MAX_PROTO_DEPTH = 64
@@ -99,4 +100,5 @@ def sniff_onnx(buf: Any, size: int) -> Sniffed | None:
         raise ScreeningError(422, "invalid_onnx", f"not a valid ONNX model ({exc})", {}) from None
     if graph is None:
         raise ScreeningError(422, "invalid_onnx", "ONNX model has no graph (truncated upload?)", {})
+    details.update(onnx_inputs(buf, graph))
     return Sniffed("onnx", details)

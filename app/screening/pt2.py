@@ -15,6 +15,7 @@ from app.screening.common import (
     Sniffed,
 )
 from app.screening.pickles import looks_like_pickle, scan_pickle, unsafe
+from app.screening.pt2_inputs import pt2_inputs
 from app.screening.zips import check_zip, entry_copy, head, open_zip, read_entry
 
 MAX_PKL_BYTES = 256 * 1024 * 1024
@@ -159,5 +160,5 @@ def screen_pt2(zf: zipfile.ZipFile, root: str, base: dict[str, Any], limits: dic
     scan.leftovers()
     details = {**base, "archive_version": version, "models": models[:MAX_DETAIL_ITEMS],
                "pickled_entries": sorted(scan.pickled)[:MAX_DETAIL_ITEMS],
-               "pickle_globals": sorted(f"{m}.{g}" for m, g in scan.found)}
+               "pickle_globals": sorted(f"{m}.{g}" for m, g in scan.found), **pt2_inputs(zf, root, models)}
     return Sniffed("pt2", details)
