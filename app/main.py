@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors, security
+from app import api_docs, errors, security
 from app.auth import ensure_bootstrap_admin
 from app.config import get_settings
 from app.db import session_scope
@@ -37,7 +37,7 @@ async def lifespan(app: FastAPI):
 
 def create_app() -> FastAPI:
     configure_logging()
-    app = FastAPI(title="Squeeze", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Squeeze", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hosted model compression: upload a model, run a recipe, get a smaller, "
                               "faster model and a measured report.")
     errors.install(app)
@@ -46,4 +46,5 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # outermost: its request id covers every log line of the request
     for module in (health, keys, teams, models, comparison, datasets, jobs, sweeps, recipes, webhooks, dashboard):
         app.include_router(module.router)
+    app.include_router(api_docs.router_for(app))  # /docs and /redoc, their assets served here (no CDN)
     return app
