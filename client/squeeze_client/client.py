@@ -100,8 +100,10 @@ class Client:
                                     headers=headers))
 
     def _find(self, kind: str, sha256: str, name: str | None = None) -> FileOut | None:
-        """The team's newest file with this content (one named `name` first); None when it has none."""
+        """The team's newest file with this content (one named `name` first); None when it has none. The digest is
+        checked here too: a server without the `sha256` filter answers every file."""
         rows = FilePage(**self._json("GET", f"/v1/{kind}", params={"sha256": sha256, "limit": 200})).data
+        rows = [r for r in rows if r.sha256 == sha256]
         return next((r for r in rows if r.name == name), rows[0] if rows else None)
 
     def _download(self, path: str, dest: str | os.PathLike, default_name: str | None = None) -> Path:

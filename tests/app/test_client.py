@@ -249,6 +249,17 @@ def test_list_by_sha256_finds_the_teams_own_file_and_upload_reuses_it(api, sq, o
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request", bad.text
 
 
+def test_find_checks_the_digest_itself():
+    """A server without the sha256 filter answers every file: the client still finds only the right one."""
+    import httpx
+
+    rows = [{"id": f"mdl_{n}", "name": "m.onnx", "format": "onnx", "sha256": digest, "size_bytes": 1, "details": {},
+             "created_at": "2026-01-01T00:00:00Z", "url": "/f"} for n, digest in ((2, "b" * 64), (1, "a" * 64))]
+    old_server = httpx.MockTransport(lambda request: httpx.Response(200, json={"data": rows, "has_more": False}))
+    sq = Client(http=httpx.Client(base_url="http://old", transport=old_server))
+    assert sq.find_model("a" * 64).id == "mdl_1" and sq.find_model("c" * 64) is None
+
+
 def test_event_messages_are_never_none():
     step = EventOut(id=3, type="step_done", message=None, created_at="2026-01-01T00:00:00Z",
                     data={"index": 0, "type": "prune", "seconds": 1.25})
