@@ -9,7 +9,7 @@ whatever their uid) and ``cpu`` (a quota of ``cores`` CPUs). At the end of a job
 cgroups is killed (``cgroup.kill`` on v2, SIGKILL of each member on v1) and the cgroups removed.
 
 Where no hierarchy is writable (a container without delegation, a non-root worker) nothing here applies and
-the sandbox runs under rlimits alone; :func:`worker.isolation.describe` says which. Stdlib only.
+the sandbox runs under rlimits alone; :func:`worker.isolation_probe.describe` says which. Stdlib only.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import IO, Iterator
 
 from app.config import Settings
 from worker import cgroups, isolation, uid_slots
+from worker.jobdir import prepare_jobdir
 
 log = logging.getLogger("squeeze.launch")
 
@@ -71,7 +72,7 @@ class Sandbox:
 
     def go(self) -> None:
         """The job is staged: give its files to the job's uid and let the sandbox run it."""
-        isolation.prepare_jobdir(self.jobdir, self.limits)
+        prepare_jobdir(self.jobdir, self.limits)
         self.proc.stdin.write(b"go\n")
         self.proc.stdin.close()
 
@@ -152,7 +153,7 @@ def start(settings: Settings, name: str, memory_bytes: int, *, warm: bool = Fals
         limits = limits_for(settings, memory_bytes, held.enter_context(_job_uid(settings)))
         jobdir = settings.jobs_dir / name
         shutil.rmtree(jobdir, ignore_errors=True)  # a previous attempt's leftovers
-        isolation.prepare_jobdir(jobdir, limits)
+        prepare_jobdir(jobdir, limits)
         stderr = held.enter_context(open(jobdir.parent / f"{name}.stderr", "w+b"))
         held.callback(Path(stderr.name).unlink, missing_ok=True)
         group = _job_cgroup(settings, name, limits)

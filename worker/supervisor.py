@@ -31,6 +31,7 @@ from app.recipes import Recipe
 from app.reports import check_guard, guard_message
 from app.storage import FULL_ERRNOS, BlobStore, make_store
 from worker import isolation, launch
+from worker.jobdir import open_job_file
 
 log = logging.getLogger("squeeze.supervisor")
 
@@ -157,7 +158,7 @@ def collect_artifact(jobdir: Path, entry: Any, store: BlobStore, tmp_dir: Path) 
         raise ValueError(f"invalid artifact path: {rel!r}")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
-    with isolation.open_job_file(jobdir, f"out/{rel}") as src:  # no links, FIFOs or hard links
+    with open_job_file(jobdir, f"out/{rel}") as src:  # no links, FIFOs or hard links
         with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="artifact-", delete=False) as dst:
             for chunk in iter(lambda: src.read(1024 * 1024), b""):
                 digest.update(chunk)

@@ -16,7 +16,8 @@ import pytest
 from app.config import Settings
 from tests.worker.test_isolation import FORK_LOOP, limits, pid_gone, run_py
 from worker import cgroups, isolation, launch
-from worker.isolation import prepare_jobdir
+from worker.isolation_probe import describe
+from worker.jobdir import prepare_jobdir
 
 MiB = 1 << 20
 HOST = cgroups.hierarchies()
@@ -82,7 +83,7 @@ def test_no_cgroup_mount_means_no_hierarchy():
 
 
 def test_describe_says_cgroups_where_the_host_delegates_them_and_rlimits_otherwise():
-    info = isolation.describe()
+    info = describe()
     if os.geteuid() == 0 and HOST:
         assert info["resource_control"].startswith("cgroup v") and info["cgroup"]["controllers"], info
         assert ("AS" in info["rlimits"]) == ("memory" not in info["cgroup"]["controllers"])

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from worker import isolation, uid_slots
-from worker.isolation import SandboxError, SandboxLimits, open_job_file, prepare_jobdir, spawn
+from worker.isolation import SandboxError, SandboxLimits, spawn
+from worker.isolation_probe import describe
+from worker.jobdir import open_job_file, prepare_jobdir
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (one uid per job)")
@@ -560,7 +562,7 @@ def test_without_bubblewrap_it_fails_closed_unless_weak_is_allowed(jobdir: Path,
 
 
 def test_describe_reports_what_is_applied():
-    info = isolation.describe()
+    info = describe()
     assert info["mode"] == ("bwrap-root" if ROOT else "bwrap-user"), info
     assert set(info["namespaces"]) >= {"pid", "net", "ipc", "mnt", "uts", "user"}
     assert info["empty_environment"] and info["own_process_group"] and info["no_new_privs"] and info["pdeathsig"]
