@@ -76,19 +76,23 @@ def test_client_installs_alone_and_runs_a_job(stack_factory, tmp_path):
 
     _, model, data, server = live_stack_and_files(stack_factory, tmp_path, "mlp.pt2", epochs=2)
 
-    done = run(squeeze, "compress", str(model), "--recipe", "prune-50", "--eval", str(data), "--output", "out",
-               **server)
+    # The walk-through's int8 job with an eval set only: the CLI summary says it calibrated on the eval set.
+    done = run(squeeze, "compress", str(model), "--recipe", "int8", "--eval", str(data), "--output", "out", **server)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert {"model.pt2", "report.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.onnx", "report.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
     assert "│ accuracy" in done.stdout and "-0.00" not in done.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    notes = [n for step in report["steps"] for n in step.get("notes") or []]
+    assert any("calibrated on the 'eval' dataset" in n for n in notes), notes
+    assert all(f"note, steps[0] quantize: {n}" in done.stdout for n in notes), done.stdout
 
     piped = run(str(python), "-c", SNIPPET, str(model), **server)
     assert piped.returncode == 0, piped.stderr
     result = json.loads(piped.stdout)
     models = json.loads(run(squeeze, "models", "list", "--json", **server).stdout)["data"]
     assert [m["id"] for m in models] == [result["model"]]  # the snippet found the CLI's upload by its sha256
-    assert result["status"] == "succeeded" and result["stages"][0] == "queued", result
-    assert None not in result["stages"] and all(result["messages"]), result
+    assert result["status"] == "succeeded" and result["stages"][-1] == "succeeded", result
+    assert all(isinstance(s, str) and s for s in result["stages"] + result["messages"]), result  # never None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the server host is Linux")

@@ -281,8 +281,8 @@ class Client:
         return self._download(f"/v1/jobs/{job_id}/artifacts/{name}", dest, default_name=name)
 
     def artifact_json(self, job_id: str, name: str = "report.json") -> Any:
-        """A JSON artifact read into memory (report.json by default)."""
-        return self._json("GET", f"/v1/jobs/{job_id}/artifacts/{name}")
+        """A JSON artifact read into memory (report.json by default; a presigned-URL answer is followed)."""
+        return self._json("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
 
     def download_artifacts(self, job: JobOut | str, folder: str | os.PathLike) -> list[Path]:
         """Every artifact of the job into `folder` (created), under its own name."""

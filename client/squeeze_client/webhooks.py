@@ -1,1 +1,1 @@
-../../app/webhooks_verify.py
+../../app/webhooks/signing.py

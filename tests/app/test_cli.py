@@ -43,7 +43,7 @@ def test_keys_create_list_revoke(api):
     assert _squeeze("keys", "revoke", key_id).returncode == 0
     missing = _squeeze("keys", "revoke", "key_missing")
     assert missing.returncode == 1 and "no key key_missing" in missing.stderr
-    from app import auth
+    from app.core import auth
 
     auth._cache.clear()  # another process revoked it: this process would see it within the cache TTL
     assert api.get("/v1/models", headers=headers).status_code == 401
@@ -107,10 +107,16 @@ def test_summary_gives_each_flag_and_odd_figure_its_reason():
     assert "MACs 0.98x: quantizing or zeroing keeps the MAC count; the gap is counting" in lines
     assert any(line.startswith("accuracy 0.00 pt: unchanged") and "99.00%" in line for line in lines)
     assert max(len(line) for line in lines) <= 78  # one line each, under the table
+    report = {"notes": ["pt2: exported with a dynamic batch dim"],
+              "steps": [{"index": 0, "type": "quantize", "notes": ["no 'calibration' dataset: calibrated on the "
+                                                                   "'eval' dataset"]}]}
     out = io.StringIO()
-    print_results(Console(file=out, width=80, color_system=None), job)
+    print_results(Console(file=out, width=80, color_system=None, soft_wrap=True, markup=False), job, report)
     text = out.getvalue()
-    assert "-0.00" not in text and "0.00 pt" in text and max(map(len, text.splitlines())) <= 80
+    assert "  note: pt2: exported with a dynamic batch dim\n" in text
+    assert "  note, steps[0] quantize: no 'calibration' dataset: calibrated on the 'eval' dataset" in text
+    assert "-0.00" not in text and "0.00 pt" in text
+    assert max(len(line) for line in text.splitlines() if not line.startswith("  ")) <= 80  # the table
 
     pruned = _job(status="succeeded", recipe={"steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]},
                   metrics={**_measured(macs=2.0, accuracy_drop=0.03), "flags": []})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -64,6 +65,14 @@ def _check_recipe(client, recipe, model: str) -> None:
         raise fail(INVALID, "invalid recipe (invalid_recipe); nothing was uploaded")
 
 
+def read_report(client, job, downloaded: list[Path] = ()) -> dict | None:
+    """The job's report.json: the downloaded copy, else fetched; None when the job has none."""
+    copy = next((p for p in downloaded if p.name == "report.json"), None)
+    if copy is not None:
+        return json.loads(copy.read_text())
+    return client.artifact_json(job.id) if any(a.name == "report.json" for a in job.artifacts) else None
+
+
 def _report(client, job, output: Path | None, as_json: bool) -> None:
     paths = client.download_artifacts(job, output) if output is not None and job.artifacts else []
     if as_json:
@@ -71,7 +80,7 @@ def _report(client, job, output: Path | None, as_json: bool) -> None:
     if job.error:
         err.print(Text.assemble((f"{job.error.code}:", "red"), " ", job.error.message), highlight=False)
     if job.metrics:
-        print_results(console, job)
+        print_results(console, job, read_report(client, job, paths))
     for p in paths:
         console.print(f"wrote {p}", highlight=False)
 

@@ -6,7 +6,7 @@ import typer
 from rich.text import Text
 
 from squeeze_client.cli.common import JSON_OPTION, WIDE_OPTION, console, dump, http_command, make_client, size
-from squeeze_client.cli.compress import outcome
+from squeeze_client.cli.compress import outcome, read_report
 from squeeze_client.cli.summary import print_results
 from squeeze_client.cli.tables import jobs_table, print_table
 
@@ -28,13 +28,13 @@ def jobs_list(ctx: typer.Context,
     print_table(console, jobs_table(page.data, wide), wide)
 
 
-def _print_job(job) -> None:
+def _print_job(job, report: dict | None) -> None:
     console.print(Text.assemble("job ", (job.id, "bold"), f"  status {job.status}  progress {job.progress:.0%}  "
                                                        f"stage {job.stage}"), highlight=False)
     if job.error:
         console.print(f"error {job.error.code}: {job.error.message}", highlight=False)
     if job.metrics:
-        print_results(console, job)
+        print_results(console, job, report)
     for a in job.artifacts:
         console.print(f"  artifact {a.name}  {a.format}  {size(a.size_bytes)}" + (f"  [{a.label}]" if a.label else ""),
                       highlight=False)
@@ -46,9 +46,9 @@ def jobs_show(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID"
     """A job: status, error, measured results (with the report's flags) and artifacts."""
     with make_client(ctx) as client:
         job = client.get_job(job_id)
-    if as_json:
-        return dump(job)
-    _print_job(job)
+        if as_json:
+            return dump(job)
+        _print_job(job, read_report(client, job) if job.metrics else None)
 
 
 @jobs.command("cancel")

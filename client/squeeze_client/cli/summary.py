@@ -111,8 +111,19 @@ def reasons(job) -> list[str]:
     return lines
 
 
-def print_results(console, job) -> None:
-    """The table, then its reasons (one line each)."""
+def report_notes(report: dict[str, Any] | None) -> list[str]:
+    """The notes of report.json (the job's, then each step's): what the engine decided for the user, such as
+    calibrating on the eval set when no calibration dataset was given."""
+    if not isinstance(report, dict):
+        return []
+    lines = [f"note: {n}" for n in report.get("notes") or []]
+    for step in report.get("steps") or []:
+        lines += [f"note, steps[{step.get('index')}] {step.get('type')}: {n}" for n in step.get("notes") or []]
+    return lines
+
+
+def print_results(console, job, report: dict[str, Any] | None = None) -> None:
+    """The table, then its reasons and the report's notes (one line each)."""
     console.print(results_table(job))
-    for line in reasons(job):
+    for line in reasons(job) + report_notes(report):
         console.print(f"  {line}", highlight=False)
