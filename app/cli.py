@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.config import Settings, get_settings
+from app.core.config import Settings, get_settings
 
 
 def migrate() -> None:
@@ -112,8 +112,8 @@ def serve(host: str | None, port: int | None, workers: int) -> int:
 
 def create_key(team: str, name: str, admin: bool) -> dict[str, str]:
     """A new API key of `team` (created if new): {id, team, key}; the key is shown only this once."""
-    from app.auth import create_key as create
-    from app.db import session_scope
+    from app.core.auth import create_key as create
+    from app.core.db import session_scope
 
     with session_scope() as db:
         row, key = create(db, team, name, is_admin=admin)
@@ -124,8 +124,8 @@ def list_keys() -> list[dict[str, object]]:
     """Every API key (never the secret), oldest first."""
     from sqlalchemy import select
 
-    from app.db import session_scope
-    from app.models import ApiKey
+    from app.core.db import session_scope
+    from app.core.tables import ApiKey
 
     with session_scope() as db:
         return [{"id": r.id, "team": r.team.name, "name": r.name, "prefix": r.prefix, "admin": r.is_admin,
@@ -135,8 +135,8 @@ def list_keys() -> list[dict[str, object]]:
 
 def revoke_key(key_id: str) -> bool:
     """Revokes the key (a revoked one stays revoked); False when there is no such key."""
-    from app.db import session_scope, utcnow
-    from app.models import ApiKey
+    from app.core.db import session_scope, utcnow
+    from app.core.tables import ApiKey
 
     with session_scope() as db:
         row = db.get(ApiKey, key_id)

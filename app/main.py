@@ -8,16 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import api_docs, errors, security
-from app.auth import ensure_bootstrap_admin
-from app.config import get_settings
-from app.db import session_scope
-from app.lifecycle import start_reaper
-from app.logging_setup import RequestContextMiddleware, configure_logging
-from app.metrics import HttpMetricsMiddleware
-from app.routes import (comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, teams,
-                        webhooks)
-from app.storage import secure_data_dir
+from app.api import docs as api_docs
+from app.api.prometheus import HttpMetricsMiddleware
+from app.api.routes import comparison, dashboard, datasets, health, jobs, keys, models, recipes, sweeps, teams, webhooks
+from app.background import start_background_threads
+from app.blobs.store import secure_data_dir
+from app.core import errors, security
+from app.core.auth import ensure_bootstrap_admin
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.core.logging import RequestContextMiddleware, configure_logging
 
 log = logging.getLogger("squeeze.api")
 
@@ -30,7 +30,7 @@ async def lifespan(app: FastAPI):
     if settings.bootstrap_admin_key:
         with session_scope() as db:
             ensure_bootstrap_admin(db, settings.bootstrap_admin_key, settings.bootstrap_admin_team)
-    stop = start_reaper()
+    stop = start_background_threads()
     yield
     stop.set()
 

@@ -2,9 +2,9 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app import models  # noqa: F401  (registers the tables)
-from app.config import get_settings
-from app.db import Base, make_engine
+from app.core import tables  # noqa: F401  (registers the tables)
+from app.core.config import get_settings
+from app.core.db import Base, make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

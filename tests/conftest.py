@@ -45,7 +45,7 @@ def configured(backend_name, tmp_path, monkeypatch):
 
     migrate()
     yield backend
-    from app import db
+    from app.core import db
 
     db.get_engine().dispose()
     reset_caches()

@@ -168,14 +168,15 @@ def backend_env(backend: Backend, data_dir: Path, **extra: str) -> dict[str, str
 
 
 def reset_caches() -> None:
-    from app import auth, config, db, queue
+    from app.core import auth, config, db
+    from app.queue import broker
 
     config.get_settings.cache_clear()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
     db.get_read_sessionmaker.cache_clear()
     auth._cache.clear()
-    queue._sender.cache_clear()
+    broker._sender.cache_clear()
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -126,8 +125,8 @@ def _make_hostile(database_url: str, job_id: str) -> None:
     """What a hostile sandbox can make the worker record: stage, error, metrics, events, artifact names."""
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine, new_id, utcnow
-    from app.models import Artifact, Job, JobEvent
+    from app.core.db import make_engine, new_id, utcnow
+    from app.core.tables import Artifact, Job, JobEvent
 
     engine = make_engine(database_url)
     with Session(engine) as db:
@@ -192,7 +191,7 @@ def test_dashboard_markup_reaches_the_page_in_one_place():
     """Only show() writes markup, and it takes html`` output only: a new view cannot skip the escaping."""
     import re
 
-    js = (ROOT / "app" / "static" / "dashboard.js").read_text()
+    js = (ROOT / "app" / "dashboard" / "dashboard.js").read_text()
     assert len(re.findall(r"\.innerHTML\s*=", js)) == 1 and "view.innerHTML = markup.text;" in js
     for sink in ("outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in js, sink

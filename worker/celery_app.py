@@ -5,11 +5,11 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
-from app.config import get_settings
-from app.lifecycle import start_reaper
-from app.logging_setup import configure_logging
-from app.queue import celery_config
-from app.storage import secure_data_dir
+from app.background import start_background_threads
+from app.blobs.store import secure_data_dir
+from app.core.config import get_settings
+from app.core.logging import configure_logging
+from app.queue.broker import celery_config
 from worker import launch
 
 celery = Celery("squeeze", include=["worker.tasks"])
@@ -40,7 +40,7 @@ def _secure_files(**_):  # before the pool forks: every process of the worker cr
 @worker_ready.connect
 def _start_reaper(**_):
     global _reaper_stop
-    _reaper_stop = start_reaper()
+    _reaper_stop = start_background_threads()
     launch.start_pool(get_settings())  # warm sandboxes (docs/security.md)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Iterator
 
-from app.config import Settings
+from app.core.config import Settings
 from worker import cgroups, isolation, uid_slots
 from worker.jobdir import prepare_jobdir
 

@@ -24,12 +24,12 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from app.config import Settings, get_settings
-from app.db import database_unreachable, session_scope
-from app.lifecycle import Claim, Outcome, heartbeat
+from app.blobs.store import FULL_ERRNOS, BlobStore, make_store
+from app.core.config import Settings, get_settings
+from app.core.db import database_unreachable, session_scope
+from app.jobs.lifecycle import Claim, Outcome, heartbeat
 from app.recipes import Recipe
 from app.reports import check_guard, guard_message
-from app.storage import FULL_ERRNOS, BlobStore, make_store
 from worker import isolation, launch
 from worker.jobdir import open_job_file
 

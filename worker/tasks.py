@@ -7,11 +7,11 @@ import time
 
 from sqlalchemy.exc import DBAPIError
 
-from app import lifecycle
-from app.config import get_settings
-from app.db import database_unreachable, session_scope
-from app.logging_setup import job_id_var
-from app.queue import RUN_JOB_TASK, broker_priority
+from app.core.config import get_settings
+from app.core.db import database_unreachable, session_scope
+from app.core.logging import job_id_var
+from app.jobs import lifecycle
+from app.queue.broker import RUN_JOB_TASK, broker_priority
 from worker import supervisor
 from worker.celery_app import celery
 

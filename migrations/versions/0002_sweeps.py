@@ -4,10 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-28 10:38:19
 """
-from alembic import op
 import sqlalchemy as sa
-import app.db
+from alembic import op
 
+import app.core.db
 
 revision = '0002'
 down_revision = '0001'
@@ -25,7 +25,7 @@ def upgrade() -> None:
     sa.Column('objective', sa.JSON(), nullable=False),
     sa.Column('datasets', sa.JSON(), nullable=False),
     sa.Column('metadata', sa.JSON(), nullable=False),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_sweeps_model_id_models')),
     sa.ForeignKeyConstraint(['team_id'], ['teams.id'], name=op.f('fk_sweeps_team_id_teams')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_sweeps'))

@@ -4,10 +4,10 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-28 11:04:57
 """
-from alembic import op
 import sqlalchemy as sa
-import app.db
+from alembic import op
 
+import app.core.db
 
 revision = '0003'
 down_revision = '0002'
@@ -23,8 +23,8 @@ def upgrade() -> None:
     sa.Column('events', sa.JSON(), nullable=False),
     sa.Column('secret', sa.String(length=100), nullable=False),
     sa.Column('description', sa.String(length=255), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('deleted_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('deleted_at', app.core.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['team_id'], ['teams.id'], name=op.f('fk_webhooks_team_id_teams')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhooks'))
     )
@@ -44,12 +44,12 @@ def upgrade() -> None:
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('response_excerpt', sa.Text(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('next_attempt_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('next_attempt_at', app.core.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('claimed_by', sa.String(length=100), nullable=True),
-    sa.Column('claimed_at', app.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('sent_at', app.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('delivered_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_at', app.core.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('sent_at', app.core.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('delivered_at', app.core.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_webhook_deliveries_job_id_jobs'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['webhook_id'], ['webhooks.id'], name=op.f('fk_webhook_deliveries_webhook_id_webhooks')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries'))

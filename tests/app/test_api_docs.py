@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from app.api_docs import ASSETS, PREFIX
+from app.api.docs import ASSETS, PREFIX
 from tests.test_dashboard import browser  # noqa: F401  (the headless Chromium fixture)
 
 OPERATION = "/v1/models/{ident}"  # a path both pages list

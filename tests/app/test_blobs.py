@@ -1,4 +1,4 @@
-"""Freeing a content-addressed blob while the same bytes are being recorded again (app/services/blobs.py): the
+"""Freeing a content-addressed blob while the same bytes are being recorded again (app/blobs/references.py): the
 "unused" check and the delete hold the digest's database lock, and so does an upload's put and row insert; a job's
 artifact rows are recorded only after checking their blobs under the same lock. On SQLite and PostgreSQL."""
 
@@ -9,11 +9,11 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from app import lifecycle
-from app.db import session_scope
-from app.models import Artifact, Job
-from app.services import blobs
-from app.storage import make_store
+from app.blobs import references
+from app.blobs.store import make_store
+from app.core.db import session_scope
+from app.core.tables import Artifact, Job
+from app.jobs import lifecycle
 from tests.app.routes.test_api import tiny_onnx, upload_model
 from tests.app.test_lifecycle import _job as queued_job
 
@@ -23,7 +23,7 @@ def test_an_upload_landing_while_its_blob_is_freed_keeps_its_blob(api, monkeypat
     the release found the blob unused, before it deletes it."""
     data = tiny_onnx()
     first = upload_model(api, data, name="first.onnx").json()
-    real_in_use, real_lock = blobs.in_use, blobs.lock
+    real_in_use, real_lock = references.in_use, references.lock
     armed, at_lock, answers = threading.Event(), threading.Event(), []
 
     def lock(db, sha256):
@@ -47,8 +47,8 @@ def test_an_upload_landing_while_its_blob_is_freed_keeps_its_blob(api, monkeypat
         return unused
 
     threads: list[threading.Thread] = []
-    monkeypatch.setattr(blobs, "lock", lock)
-    monkeypatch.setattr(blobs, "in_use", in_use_then_upload)
+    monkeypatch.setattr(references, "lock", lock)
+    monkeypatch.setattr(references, "in_use", in_use_then_upload)
     assert api.delete(f"/v1/models/{first['id']}").status_code == 204
     threads[0].join(60)
     assert at_lock.is_set()
@@ -110,11 +110,11 @@ def test_the_lock_serializes_two_sessions_on_one_digest(configured):
     sha256 = "ab" * 32
     order: list[str] = []
     with session_scope() as first:
-        blobs.lock(first, sha256)
+        references.lock(first, sha256)
 
         def second() -> None:
             with session_scope() as db:
-                blobs.lock(db, sha256)
+                references.lock(db, sha256)
                 order.append("second")
 
         t = threading.Thread(target=second)

@@ -10,13 +10,13 @@ from queue import Empty
 
 from kombu import Connection
 
-from app.broker_files import TRANSPORT
+from app.queue.broker_files import TRANSPORT
 
 QUEUE = "cpu"
 
 
 def _connection(root: Path, transport: str = TRANSPORT) -> Connection:
-    """The layout `app.queue.celery_config` gives the embedded broker: queue/ and processed/ in one folder."""
+    """The layout `app.queue.broker.celery_config` gives the embedded broker: queue/ and processed/ in one folder."""
     for sub in ("queue", "processed"):
         (root / sub).mkdir(exist_ok=True)
     return Connection("filesystem://", transport=transport, transport_options={

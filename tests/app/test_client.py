@@ -8,10 +8,22 @@ import json
 
 import numpy as np
 import pytest
-
+from squeeze_client import (
+    Client,
+    Conflict,
+    EventOut,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unreachable,
+    Unsupported,
+    WaitTimeout,
+    client_config,
+    verify_webhook,
+)
 from squeeze_client import client as client_module
-from squeeze_client import (Client, Conflict, EventOut, Invalid, NotFound, TooLarge, Unauthorized, Unreachable,
-                            Unsupported, WaitTimeout, client_config, verify_webhook)
+
 from tests.app.routes.test_api import npz_bytes, tiny_onnx
 from tests.conftest import new_team_key
 
@@ -137,7 +149,7 @@ def test_errors_carry_the_server_code_message_and_fields(api, sq, onnx_file, mon
         sq.create_job(model.id, "prune-50", metadata={"x": 1}, idempotency_key="k1")
     assert caught.value.code == "idempotency_conflict"
 
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     with pytest.raises(TooLarge) as caught:
@@ -271,8 +283,9 @@ def test_event_messages_are_never_none():
 
 
 def test_the_client_verifies_what_the_server_signs():
-    from app.webhooks_verify import new_secret, sign
     from squeeze_client import WebhookVerificationError
+
+    from app.webhooks.signing import new_secret, sign
 
     secret, body = new_secret(), b'{"type": "job.completed"}'
     headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000",

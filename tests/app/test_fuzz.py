@@ -34,9 +34,9 @@ def fuzz_env(tmp_path_factory):
         for k, v in backend_env(backend, data_dir).items():
             mp.setenv(k, v)
         reset_caches()
-        from app.auth import create_key
         from app.cli import migrate
-        from app.db import get_engine, session_scope
+        from app.core.auth import create_key
+        from app.core.db import get_engine, session_scope
         from app.main import create_app
 
         migrate()

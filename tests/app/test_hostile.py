@@ -191,7 +191,7 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 def assert_nothing_stored(api) -> None:
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     assert api.get("/v1/models").json()["data"] == [] and api.get("/v1/datasets").json()["data"] == []
     blobs = get_settings().data_dir / "blobs"
@@ -228,7 +228,7 @@ def test_pickles_say_what_to_upload_instead(api):
                                                  ("/v1/recipes/validate", "max_body_bytes")])
 def test_declared_size_over_the_limit_is_413_before_reading(api, monkeypatch, path, limit_setting):
     """Straight at the ASGI app: the body is never asked for when Content-Length already says too much."""
-    from app.config import get_settings
+    from app.core.config import get_settings
     from tests.conftest import ADMIN_KEY
 
     monkeypatch.setattr(get_settings(), limit_setting, 10_000)
@@ -307,7 +307,7 @@ def _bounds():
     """(where, field, value, accepted) for every numeric bound in the recipe schema, read from pydantic's JSON
     schema: at an inclusive bound accepted, one step past it refused; at an exclusive bound refused, just inside it
     accepted."""
-    from app.recipes import EvaluateSpec, GuardSpec, STEP_SPECS
+    from app.recipes import STEP_SPECS, EvaluateSpec, GuardSpec
 
     base = {"PruneSpec": {"type": "prune"}, "ChannelPruneSpec": {"type": "prune", "method": "channel",
                                                                   "sparsity": 0.5},

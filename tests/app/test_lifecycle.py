@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app import lifecycle
-from app.auth import create_key
-from app.db import new_id, session_scope, utcnow
-from app.models import Job, Model
+from app.core.auth import create_key
+from app.core.db import new_id, session_scope, utcnow
+from app.core.tables import Job, Model
+from app.jobs import lifecycle
 
 SETTINGS = {"heartbeat_timeout_s": 10, "requeue_after_s": 30, "max_attempts": 2}
 

@@ -1,6 +1,6 @@
 """Static screening of uploads, against real files made with torch / onnx / numpy here.
 
-Only this test imports torch: app.screening must not. Malicious pickles are built with
+Only this test imports torch: app.files.screening must not. Malicious pickles are built with
 pickle.dumps or by hand and are never loaded; each test checks the payload's marker file
 never appears.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import screening
-from app.screening import ScreeningError, scan_pickle, sniff_dataset, sniff_model
-from app.screening.zips import entry_copy
+from app.files import screening
+from app.files.screening import ScreeningError, scan_pickle, sniff_dataset, sniff_model
+from app.files.screening.zips import entry_copy
 from tests.app.routes.test_upload_screening import deflated_copies, npy_zeros, slow_onnx
 
 torch = pytest.importorskip("torch")
@@ -492,7 +492,7 @@ def test_allowlist_has_no_dangerous_names():
 
 
 def test_import_does_not_pull_torch_or_onnx():
-    code = ("import sys, app.screening; bad = {'torch', 'onnx', 'numpy', 'onnxruntime', 'safetensors'} "
+    code = ("import sys, app.files.screening; bad = {'torch', 'onnx', 'numpy', 'onnxruntime', 'safetensors'} "
             "& set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.screening import sniff_model
-from app.screening.inputs import MAX_NAME_CHARS
-from app.screening.onnx_inputs import MAX_DIMS
+from app.files.screening import sniff_model
+from app.files.screening.inputs import MAX_NAME_CHARS
+from app.files.screening.onnx_inputs import MAX_DIMS
 from tests.app.routes.test_api import upload_model
 
 torch = pytest.importorskip("torch")

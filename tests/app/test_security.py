@@ -1,4 +1,4 @@
-"""app/security.py over HTTP: security headers on every answer, CORS off unless configured, body caps, and no
+"""app/core/security.py over HTTP: security headers on every answer, CORS off unless configured, body caps, and no
 secret in a log line or an error message."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_cors_off_by_default(api):
 def test_cors_for_listed_origins_only(configured, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from app.config import get_settings
+    from app.core.config import get_settings
     from app.main import create_app
     from tests.conftest import ADMIN_KEY
 
@@ -76,7 +76,7 @@ def test_cors_for_listed_origins_only(configured, monkeypatch):
 
 @pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
 def test_json_bodies_are_capped(api, monkeypatch):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_body_bytes", 2000)
     model = upload_model(api, tiny_onnx()).json()
@@ -163,7 +163,7 @@ def _restart(configured, **settings):
     from tests.stack import reset_caches
 
     reset_caches()
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     for name, value in settings.items():
         setattr(get_settings(), name, value)
@@ -217,7 +217,7 @@ def test_metrics_need_an_admin_key_or_the_metrics_token(api, configured):
 def test_metrics_token_is_long_or_empty():
     from pydantic import ValidationError
 
-    from app.config import Settings
+    from app.core.config import Settings
 
     assert Settings(metrics_token="").metrics_token == ""
     with pytest.raises(ValidationError):

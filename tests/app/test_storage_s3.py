@@ -9,8 +9,8 @@ import tracemalloc
 import httpx
 import pytest
 
-from app.config import Settings
-from app.storage import S3Store, make_store
+from app.blobs.store import S3Store, make_store
+from app.core.config import Settings
 from tests.app.routes.test_api import npz_bytes
 from tests.conftest import ADMIN_KEY
 from tests.s3 import s3_server  # noqa: F401  (fixture)

@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 
-from app import lifecycle
-from app.auth import create_key
-from app.db import new_id, session_scope, utcnow
-from app.models import Job, Model
+from app.core.auth import create_key
+from app.core.db import new_id, session_scope, utcnow
+from app.core.tables import Job, Model
+from app.jobs import lifecycle
 
 
 def _jobs(db, team: str, n: int) -> list[str]:
@@ -64,14 +64,14 @@ def test_no_limit_when_neither_the_server_nor_the_team_sets_one(configured):
 
 def _claim_as_a_worker(job_id: str):
     """What worker/tasks.py does: the server's default limit, SQUEEZE_TEAM_MAX_RUNNING."""
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     with session_scope() as db:
         return lifecycle.claim(db, job_id, "w", team_limit=get_settings().team_max_running)
 
 
 def test_the_default_limit_is_on_and_an_admin_sets_a_teams_own(api):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     assert get_settings().team_max_running == 2
     with session_scope() as db:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app import webhooks
-from app.auth import create_key
-from app.config import get_settings
-from app.db import new_id, session_scope, utcnow
-from app.models import Job, Model, WebhookDelivery
-from app.webhooks_verify import verify_webhook
+from app.core.auth import create_key
+from app.core.config import get_settings
+from app.core.db import new_id, session_scope, utcnow
+from app.core.tables import Job, Model, WebhookDelivery
+from app.webhooks import delivery, targets
+from app.webhooks.signing import verify_webhook
 from tests.webhook_receiver import Receiver
 
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
@@ -23,8 +23,8 @@ SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
     "http://0.0.0.0/", "http://2130706433/", "http://localhost:8000/", "http://api.localhost/",
 ])
 def test_non_public_targets_are_refused(url):
-    with pytest.raises(webhooks.UnsafeTarget, match="SQUEEZE_WEBHOOK_ALLOWLIST"):
-        webhooks.check_url(url, [])
+    with pytest.raises(targets.UnsafeTarget, match="SQUEEZE_WEBHOOK_ALLOWLIST"):
+        targets.check_url(url, [])
 
 
 # IPv6 addresses that carry an IPv4 address are judged by the IPv4 rules on it (or refused whole: local NAT64).
@@ -45,24 +45,24 @@ EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "::f
 def test_ipv6_wrapping_a_private_ipv4_address_is_not_public(address):
     import ipaddress
 
-    assert not webhooks.is_public(ipaddress.ip_address(address))
-    with pytest.raises(webhooks.UnsafeTarget, match="not a public address"):
-        webhooks.check_url(f"http://[{address}]:8080/hook", [])
+    assert not targets.is_public(ipaddress.ip_address(address))
+    with pytest.raises(targets.UnsafeTarget, match="not a public address"):
+        targets.check_url(f"http://[{address}]:8080/hook", [])
 
 
 @pytest.mark.parametrize("address", EMBEDDED_PUBLIC)
 def test_ipv6_wrapping_a_public_ipv4_address_is_public(address):
     import ipaddress
 
-    assert webhooks.is_public(ipaddress.ip_address(address))
-    webhooks.check_url(f"http://[{address}]/hook", [])
+    assert targets.is_public(ipaddress.ip_address(address))
+    targets.check_url(f"http://[{address}]/hook", [])
 
 
 def test_embedded_ipv4_is_unwrapped():
     import ipaddress
 
     def v4s(a: str) -> list[str] | None:
-        found = webhooks.embedded_ipv4(ipaddress.IPv6Address(a))
+        found = targets.embedded_ipv4(ipaddress.IPv6Address(a))
         return None if found is None else [str(v) for v in found]
 
     assert v4s("64:ff9b::7f00:1") == ["127.0.0.1"] and v4s("2002:7f00:1::") == ["127.0.0.1"]
@@ -74,33 +74,33 @@ def test_embedded_ipv4_is_unwrapped():
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "https://user:pw@example.com/",
                                  "not a url", "http:///nohost"])
 def test_only_plain_http_urls(url):
-    with pytest.raises(webhooks.UnsafeTarget):
-        webhooks.check_url(url, [])
+    with pytest.raises(targets.UnsafeTarget):
+        targets.check_url(url, [])
 
 
 def test_public_targets_and_the_allowlist():
-    webhooks.check_url("https://example.com/hook", [])
-    webhooks.check_url("http://93.184.216.34:8080/hook", [])
+    targets.check_url("https://example.com/hook", [])
+    targets.check_url("http://93.184.216.34:8080/hook", [])
     allow = ["10.0.0.0/8", "hooks.internal", "::1/128"]
-    webhooks.check_url("http://10.200.0.7/hook", allow)
-    webhooks.check_url("http://[::1]/hook", allow)
-    webhooks.check_url("http://HOOKS.internal./x", allow)
+    targets.check_url("http://10.200.0.7/hook", allow)
+    targets.check_url("http://[::1]/hook", allow)
+    targets.check_url("http://HOOKS.internal./x", allow)
     for url in ("http://192.168.0.1/", "http://127.0.0.1/", "http://localhost/"):
-        with pytest.raises(webhooks.UnsafeTarget):
-            webhooks.check_url(url, allow)
+        with pytest.raises(targets.UnsafeTarget):
+            targets.check_url(url, allow)
 
 
 def test_send_time_check_resolves_names():
-    with pytest.raises(webhooks.UnsafeTarget, match="not a public address"):
-        webhooks.resolve_target("http://127.0.0.1:1/", [])
-    assert webhooks.resolve_target("http://127.0.0.1:1/", ["127.0.0.1"]) == "127.0.0.1"
-    assert webhooks.resolve_target("http://localhost:1/", ["localhost"]) in ("127.0.0.1", "::1")
+    with pytest.raises(targets.UnsafeTarget, match="not a public address"):
+        targets.resolve_target("http://127.0.0.1:1/", [])
+    assert targets.resolve_target("http://127.0.0.1:1/", ["127.0.0.1"]) == "127.0.0.1"
+    assert targets.resolve_target("http://localhost:1/", ["localhost"]) in ("127.0.0.1", "::1")
 
 
 def test_backoff_doubles_and_is_capped():
     s = get_settings().model_copy(update={"webhook_retry_base_s": 10, "webhook_retry_max_s": 60})
-    assert 10 <= webhooks.backoff_s(1, s) <= 11 and 20 <= webhooks.backoff_s(2, s) <= 22
-    assert 60 <= webhooks.backoff_s(10, s) <= 66
+    assert 10 <= delivery.backoff_s(1, s) <= 11 and 20 <= delivery.backoff_s(2, s) <= 22
+    assert 60 <= delivery.backoff_s(10, s) <= 66
 
 
 def _job(db, url: str, events=("started", "progress", "completed")) -> str:
@@ -128,19 +128,19 @@ def test_retries_until_delivered_every_attempt_recorded(configured, receiver):
     receiver.statuses["/flaky"] = [500, 500, 200]
     with session_scope() as db:
         job_id = _job(db, receiver.url + "/flaky")
-        assert webhooks.enqueue(db, job_id, "started", settings) == 1
+        assert delivery.enqueue(db, job_id, "started", settings) == 1
         db.commit()
     with session_scope() as db:  # one claim per attempt: a second sender finds nothing due
-        claimed = webhooks.claim_due(db, "sender-a", settings)
+        claimed = delivery.claim_due(db, "sender-a", settings)
         assert claimed is not None and claimed.attempt == 1
-        assert webhooks.claim_due(db, "sender-b", settings) is None
+        assert delivery.claim_due(db, "sender-b", settings) is None
     with session_scope() as db:
-        webhooks.record(db, claimed, "sender-a", webhooks.post(claimed, settings), settings)
+        delivery.record(db, claimed, "sender-a", delivery.post(claimed, settings), settings)
     import time
 
     deadline = time.monotonic() + 10
     while len(receiver.at("/flaky")) < 3 and time.monotonic() < deadline:
-        webhooks.deliver_one("sender-b", settings) or time.sleep(0.02)
+        delivery.deliver_one("sender-b", settings) or time.sleep(0.02)
     got = receiver.at("/flaky")
     assert len(got) == 3
     assert len({r.headers["webhook-id"] for r in got}) == 1 and len({r.body for r in got}) == 1
@@ -152,7 +152,7 @@ def test_retries_until_delivered_every_attempt_recorded(configured, receiver):
     assert [(d.attempt, d.status, d.status_code) for d in rows] == [(1, "failed", 500), (2, "failed", 500),
                                                                     (3, "delivered", 200)]
     assert rows[0].response_excerpt == "answer 1: 500" and rows[2].delivered_at is not None
-    assert not webhooks.deliver_one("sender-b", settings)
+    assert not delivery.deliver_one("sender-b", settings)
 
 
 def test_gives_up_after_max_attempts_and_refused_targets_are_not_retried(configured, receiver):
@@ -162,9 +162,9 @@ def test_gives_up_after_max_attempts_and_refused_targets_are_not_retried(configu
     with session_scope() as db:
         down = _job(db, receiver.url + "/down", ["completed"])
         refused = _job(db, "http://10.9.9.9/hook", ["completed"])  # allowed at submit by an older allowlist
-        assert webhooks.enqueue(db, down, "completed", settings) == 1
-        assert webhooks.enqueue(db, down, "started", settings) == 0  # not a chosen event
-        webhooks.enqueue(db, refused, "completed", settings)
+        assert delivery.enqueue(db, down, "completed", settings) == 1
+        assert delivery.enqueue(db, down, "started", settings) == 0  # not a chosen event
+        delivery.enqueue(db, refused, "completed", settings)
         db.commit()
     import time
 
@@ -173,7 +173,7 @@ def test_gives_up_after_max_attempts_and_refused_targets_are_not_retried(configu
         with session_scope() as db:
             if not db.scalar(select(WebhookDelivery.id).where(WebhookDelivery.status == "pending")):
                 break
-        webhooks.deliver_one("s", settings) or time.sleep(0.02)
+        delivery.deliver_one("s", settings) or time.sleep(0.02)
     with session_scope() as db:
         rows = {j: [(d.attempt, d.status, d.status_code, d.error) for d in db.scalars(
             select(WebhookDelivery).where(WebhookDelivery.job_id == j).order_by(WebhookDelivery.attempt))]
@@ -187,11 +187,11 @@ def test_progress_is_throttled_per_job(configured):
     settings = get_settings().model_copy(update={"webhook_progress_interval_s": 60})
     with session_scope() as db:
         job_id = _job(db, "https://hooks.example.invalid/hook")
-        assert webhooks.enqueue(db, job_id, "progress", settings) == 1
+        assert delivery.enqueue(db, job_id, "progress", settings) == 1
         db.commit()
-        assert webhooks.enqueue(db, job_id, "progress", settings) == 0
-        assert webhooks.enqueue(db, job_id, "completed", settings) == 1
+        assert delivery.enqueue(db, job_id, "progress", settings) == 0
+        assert delivery.enqueue(db, job_id, "completed", settings) == 1
         db.commit()
         unthrottled = settings.model_copy(update={"webhook_progress_interval_s": 0})
-        assert webhooks.enqueue(db, job_id, "progress", unthrottled) == 1
+        assert delivery.enqueue(db, job_id, "progress", unthrottled) == 1
         db.commit()

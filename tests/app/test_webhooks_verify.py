@@ -8,7 +8,7 @@ import hmac
 
 import pytest
 
-from app.webhooks_verify import WebhookVerificationError, new_secret, secret_key, sign, verify_webhook
+from app.webhooks.signing import WebhookVerificationError, new_secret, secret_key, sign, verify_webhook
 
 KEY = bytes(range(24))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()

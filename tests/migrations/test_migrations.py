@@ -7,7 +7,7 @@ from alembic.config import Config
 from sqlalchemy import inspect
 
 from app.cli import migrate
-from app.db import Base, get_engine
+from app.core.db import Base, get_engine
 from tests.conftest import ROOT
 
 

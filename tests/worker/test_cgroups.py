@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from app.config import Settings
+from app.core.config import Settings
 from tests.worker.test_isolation import FORK_LOOP, limits, pid_gone, run_py
 from worker import cgroups, isolation, launch
 from worker.isolation_probe import describe

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from app.config import Settings
-from app.lifecycle import Claim
-from app.storage import LocalStore
+from app.blobs.store import LocalStore
+from app.core.config import Settings
+from app.jobs.lifecycle import Claim
 from worker import supervisor
 from worker.supervisor import sandbox_memory
 

@@ -50,8 +50,8 @@ def test_keys_stored_hashed(api, configured):
     key = new_team_key(api, "hashy")
     from sqlalchemy import select
 
-    from app.db import session_scope
-    from app.models import ApiKey
+    from app.core.db import session_scope
+    from app.core.tables import ApiKey
 
     with session_scope() as db:
         hashes = list(db.scalars(select(ApiKey.key_hash)))
@@ -77,7 +77,7 @@ def test_upload_download_etag_range(api):
 
 
 def test_bad_uploads_leave_nothing(api, configured, tmp_path):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     assert upload_model(api, b"").status_code == 400
     r = upload_model(api, b"\x80\x04\x95 not a model")
@@ -91,7 +91,7 @@ def test_bad_uploads_leave_nothing(api, configured, tmp_path):
 
 
 def test_upload_size_limit(api, monkeypatch):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     r = upload_model(api, tiny_onnx() + b"\0" * 2000)
@@ -185,7 +185,7 @@ def test_delete_model(api):
 
 
 def test_a_deleted_dataset_stays_stored_until_its_last_job_is_deleted(api):
-    from app.storage import make_store
+    from app.blobs.store import make_store
 
     store = make_store()
     model = upload_model(api, tiny_onnx()).json()

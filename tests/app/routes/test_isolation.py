@@ -57,8 +57,8 @@ def world(api, configured):
     assert hook.status_code == 201, hook.text
 
     # An artifact of alpha's job (a worker would add it; its blob is the model's, already stored).
-    from app.db import new_id, session_scope
-    from app.models import Artifact
+    from app.core.db import new_id, session_scope
+    from app.core.tables import Artifact
 
     with session_scope() as db:
         db.add(Artifact(id=new_id("art"), job_id=job["id"], name="report.json", format="json",
@@ -163,8 +163,8 @@ def test_keys_are_stored_as_sha256_only(api, configured):
 
     from sqlalchemy import inspect, select
 
-    from app.db import get_engine, session_scope
-    from app.models import ApiKey
+    from app.core.db import get_engine, session_scope
+    from app.core.tables import ApiKey
 
     key = new_team_key(api, "hashy")
     columns = {c["name"] for c in inspect(get_engine()).get_columns("api_keys")}

@@ -14,7 +14,7 @@ PRUNE = {"steps": [{"type": "prune", "sparsity": 0.5}], "evaluate": {"batch_size
 @pytest.fixture
 def limit(monkeypatch):
     """Sets server defaults (SQUEEZE_TEAM_*) for the rest of the test."""
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     def set_(**values: int) -> None:
         for name, value in values.items():
@@ -39,7 +39,7 @@ def _over(r, code: str, limit: str, value: int) -> dict:
 
 
 def test_limits_are_on_by_default_and_a_team_reads_its_own(api):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     settings = get_settings()
     assert (settings.team_max_running, settings.team_max_queued, settings.team_uploads_per_minute,
@@ -92,7 +92,7 @@ def test_uploads_per_minute_past_the_limit_are_a_429(api, limit):
 
 
 def test_stored_bytes_past_the_quota_are_a_429_and_nothing_is_kept(api, limit, configured):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     size = len(tiny_onnx())
     limit(max_upload_bytes=2 * size + 10)

@@ -46,8 +46,8 @@ def fake_metrics(size: int, accuracy: float | None, latency32: float, agreement:
 
 
 def set_job(job_id: str, status: str, metrics: dict | None = None, error_code: str | None = None) -> None:
-    from app.db import session_scope, utcnow
-    from app.models import Job
+    from app.core.db import session_scope, utcnow
+    from app.core.tables import Job
 
     with session_scope() as db:
         job = db.get(Job, job_id)
@@ -247,7 +247,7 @@ def test_no_pick_says_why(api, setup):
 def _png_points(content: bytes) -> list[dict]:
     from PIL import Image
 
-    from app.plots import POINTS_KEY
+    from app.reports.plots import POINTS_KEY
 
     return json.loads(Image.open(io.BytesIO(content)).text[POINTS_KEY])
 
@@ -278,7 +278,7 @@ def test_pareto_png_draws_every_point(api, setup):
 
 
 def test_plots_draw_points_and_skip_unmeasured():
-    from app.plots import pareto_png
+    from app.reports.plots import pareto_png
 
     points = [{"id": f"j{i}", "label": f"p{i}", "size_bytes": 1000 * (i + 1), "latency_ms": (None if i == 2 else
                                                                                               1.0 + i),
@@ -382,8 +382,8 @@ def test_rerun_same_model_datasets_recipe(api, setup):
 
 
 def test_artifacts_of_a_guard_failed_job_are_labelled(api, setup):
-    from app.db import new_id, session_scope
-    from app.models import Artifact
+    from app.core.db import new_id, session_scope
+    from app.core.tables import Artifact
 
     model, datasets = setup
     ids = [api.post("/v1/jobs", json={"model_id": model["id"], "datasets": datasets, "recipe": BASE}).json()["id"]

@@ -70,7 +70,7 @@ def assert_nothing_stored(client, data_dir: Path) -> None:
 
 def test_many_small_entries_bomb_refused(api, tmp_path):
     """64 valid arrays of 8 MiB - 1 of zeros, 1016:1 each: a 0.5 MB upload the sandbox would inflate to 512 MiB."""
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     npz = deflated_copies(tmp_path / "bomb.npz", [f"x{i}.npy" for i in range(64)], npy_zeros(8 * 1024 * 1024 - 1))
     r = api.post("/v1/datasets", params={"name": "bomb.npz"}, content=npz.read_bytes())
@@ -81,7 +81,7 @@ def test_many_small_entries_bomb_refused(api, tmp_path):
 
 
 def test_upload_over_the_screening_budget_is_refused(api, monkeypatch):
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "screening_timeout_s", 1.0)
     start = time.monotonic()

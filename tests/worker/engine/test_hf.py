@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from app.files.screening import ScreeningError, sniff_model
 from app.recipes import Recipe, RecipeError, check_against_format, parse_recipe
-from app.screening import ScreeningError, sniff_model
 from tests import modelzoo as mz
 from tests.worker.engine.test_sandbox import FAST_EVAL, final, run_sandbox
 from worker.engine.datasets import Dataset

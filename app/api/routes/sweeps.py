@@ -1,0 +1,56 @@
+"""Sweeps: one recipe over a grid of values, a job per point, and the pick by an objective."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from sqlalchemy.orm import Session
+
+from app.api.schemas import SweepCreate, SweepOut, SweepPage, SweepSummary, error_responses
+from app.core.auth import Principal, authenticate
+from app.core.config import get_settings
+from app.core.db import get_db, get_read_db
+from app.jobs import sweeps
+from app.recipes import Runtime
+from app.reports.comparison import plot_points
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=error_responses(401))
+PNG = {200: {"content": {"image/png": {}}}}
+
+
+@router.post("", status_code=202, response_model=SweepOut, responses=error_responses(404, 409, 422, 429))
+def create(body: SweepCreate, response: Response, db: Session = Depends(get_db),
+           principal: Principal = Depends(authenticate),
+           idempotency_key: str | None = Header(None, max_length=240)) -> SweepOut:
+    sweep, created = sweeps.create_sweep(db, get_settings(), principal, body, idempotency_key)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return SweepOut(**sweeps.sweep_report(db, sweep))
+
+
+@router.get("", response_model=SweepPage, responses=error_responses(422))
+def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
+          model_id: str | None = Query(None, max_length=40),
+          db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> SweepPage:
+    rows, more = sweeps.list_sweeps(db, principal, limit, after, model_id)
+    return SweepPage(data=[SweepSummary(**r) for r in rows], has_more=more, next=rows[-1]["id"] if more else None)
+
+
+@router.get("/{sweep_id}", response_model=SweepOut, responses=error_responses(404, 422))
+def show(sweep_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
+         db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> SweepOut:
+    return SweepOut(**sweeps.sweep_report(db, sweeps.get_sweep(db, principal, sweep_id), runtime, batch_size))
+
+
+@router.get("/{sweep_id}/pareto.png", responses={**PNG, **error_responses(404, 422)})
+def pareto_png(sweep_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
+               db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> Response:
+    from app.reports.plots import pareto_png as render
+
+    report = sweeps.sweep_report(db, sweeps.get_sweep(db, principal, sweep_id), runtime, batch_size)
+    rows = [{"job_id": p["job_id"], "error_code": (p["error"] or {}).get("code"), "headline": p["headline"],
+             "guard": p["guard"]} for p in report["points"] if p["headline"] is not None]
+    labels = {p["job_id"]: f"p{p['index']}" for p in report["points"]}
+    png, drawn = render(plot_points(rows, labels), report["pareto"], title=f"sweep {sweep_id}",
+                        pick=report["pick"]["job_id"] if report["pick"] else None)
+    return Response(png, media_type="image/png", headers={"X-Plotted-Points": str(len({d["id"] for d in drawn}))})

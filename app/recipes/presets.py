@@ -1,0 +1,51 @@
+"""The named recipes `recipe` may be given as (GET /v1/recipes lists them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "prune-50": {
+        "description": "Global unstructured magnitude pruning to 50% sparsity.",
+        "recipe": {"version": 1, "steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]},
+    },
+    "slim-50": {
+        "description": "Remove 50% of channels by L2 importance (model packages); outputs .pt2 and ONNX of the "
+                       "smaller architecture.",
+        "recipe": {"version": 1, "steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
+                                            "importance": "l2", "round_to": 8}], "outputs": ["pt2", "onnx"]},
+    },
+    "int8": {
+        "description": "Static int8 (weights and activations, calibrated on the calibration dataset), written as "
+                       "ONNX for ONNX Runtime: the fast CPU path.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
+                   "evaluate": {"runtimes": ["onnxruntime"]}},
+    },
+    "int8-dynamic": {
+        "description": "Dynamic int8 (int8 weights, activations quantized per batch; no calibration data), written "
+                       "as ONNX: for Linear/LSTM-heavy models such as transformers.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "dynamic_int8"}], "outputs": ["onnx"],
+                   "evaluate": {"runtimes": ["onnxruntime"]}},
+    },
+    "int4-weights": {
+        "description": "torchao int4 weight-only quantization in groups of 128 (model packages): a memory and "
+                       "storage saving, not a CPU speed-up.",
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "weight_int4", "group_size": 128}],
+                   "outputs": ["package"]},
+    },
+    "slim-50-distill": {
+        "description": "Remove 50% of channels (model packages, Hugging Face folders), win the accuracy back by "
+                       "distilling from the original for 3 epochs (needs a labelled train dataset), then static "
+                       "int8 as ONNX for ONNX Runtime.",
+        "recipe": {"version": 1, "steps": [
+            {"type": "prune", "method": "channel", "sparsity": 0.5, "importance": "l2", "round_to": 8},
+            {"type": "distill", "teacher": "original", "dataset": "train", "epochs": 3, "lr": 3e-3,
+             "schedule": "cosine", "temperature": 4, "alpha": 0.7},
+            {"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
+            "evaluate": {"runtimes": ["onnxruntime"]}},
+    },
+    "palette-16": {
+        "description": "Weight sharing: 16 clusters per layer, stored as codebook + 4-bit indices (safetensors).",
+        "recipe": {"version": 1, "steps": [{"type": "cluster", "clusters": 16}], "outputs": ["safetensors"]},
+    },
+}

@@ -1,0 +1,1 @@
+"""Teams: per-team limits and usage (limits.py)."""
