@@ -11,7 +11,8 @@ def job_out(job: Job) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, progress=round(job.progress, 4), stage=job.stage, model_id=job.model_id,
         recipe=job.recipe, outputs=job.outputs, datasets=job.datasets or {}, metadata=job.job_metadata or {},
-        attempts=job.attempts, queue=job.queue, priority=job.priority, created_at=job.created_at, started_at=job.started_at,
+        attempts=job.attempts, queue=job.queue, priority=job.priority, created_at=job.created_at,
+        started_at=job.started_at,
         finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         metrics=job.metrics, engine_seconds=job.engine_seconds,

@@ -7,6 +7,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -19,6 +20,7 @@ from app.core.errors import APIError
 from app.core.tables import ApiKey, Team
 
 KEY_PREFIX = "sqz_"
+Row = TypeVar("Row")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class Principal:
     team_id: str
     team: str
     is_admin: bool
+
+
+def owned(row: Row | None, principal: Principal) -> Row | None:
+    """The row when the principal's team owns it and it is not deleted, else None: the one ownership rule. A
+    caller answers None as not found (404), never forbidden, so another team's ids are not even confirmed."""
+    record: Any = row
+    if record is None or record.team_id != principal.team_id or getattr(record, "deleted_at", None) is not None:
+        return None
+    return row
 
 
 def hash_key(key: str) -> str:

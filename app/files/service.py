@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.blobs import references
 from app.blobs.store import BlobStore
-from app.core.auth import Principal
+from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id, utcnow
 from app.core.errors import APIError, not_found
@@ -92,8 +92,8 @@ def _record(db: Session, store: BlobStore, row: Model | Dataset, src: Path) -> N
 
 
 def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) -> Model | Dataset:
-    row = db.get(row_type, ident)
-    if row is None or row.team_id != principal.team_id or row.deleted_at is not None:
+    row = owned(db.get(row_type, ident), principal)
+    if row is None:
         raise not_found(KIND_BY_ROW[row_type], ident)
     return row
 

@@ -22,6 +22,7 @@ from app.blobs import references
 from app.blobs.store import BlobStore, make_store
 from app.core.db import new_id, utcnow
 from app.core.tables import Artifact, Dataset, Job, JobEvent, Model, Team
+from app.recipes import teacher_model_ids
 from app.webhooks import delivery
 
 log = logging.getLogger("squeeze.lifecycle")
@@ -113,12 +114,10 @@ def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim |
         ds = db.get(Dataset, ident)
         datasets[role] = {"sha256": ds.sha256, "format": ds.format}
     teachers = {}  # distillation teachers other than the original, checked to be the team's at submit
-    for step in job.recipe.get("steps", []):
-        ident = step.get("teacher") if step.get("type") == "distill" else None
-        if ident and ident != "original" and ident not in teachers:
-            row = db.get(Model, ident)
-            if row is not None:
-                teachers[ident] = {"sha256": row.sha256, "format": row.format}
+    for ident in dict.fromkeys(teacher_model_ids(job.recipe)):
+        row = db.get(Model, ident)
+        if row is not None:
+            teachers[ident] = {"sha256": row.sha256, "format": row.format}
     add_event(db, job_id, "started", f"attempt {job.attempts} on {worker}", {"attempt": job.attempts,
                                                                               "worker": worker})
     delivery.enqueue(db, job_id, "started")  # in the same transaction: the delivery survives a restart

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, joinedload
 from app.api.schemas import JobCreate, JobDatasets, JobWebhook
 from app.blobs import references
 from app.blobs.store import BlobStore
-from app.core.auth import Principal
+from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id, utcnow
 from app.core.errors import APIError, not_found
@@ -22,13 +22,20 @@ from app.core.tables import Artifact, Dataset, Job, JobEvent, Model
 from app.jobs.lifecycle import add_event
 from app.jobs.states import TERMINAL_STATUSES
 from app.queue import broker
-from app.recipes import TRAINING_STEPS, RecipeError, check_against_format, parse_recipe, teacher_model_ids
+from app.recipes import (
+    TRAINING_STEPS,
+    DistillSpec,
+    Recipe,
+    RecipeError,
+    check_against_format,
+    parse_recipe,
+    teacher_model_ids,
+)
 from app.teams import limits
 from app.webhooks import delivery
 from app.webhooks.service import check_job_webhook
 
 log = logging.getLogger("squeeze.jobs")
-TRAINING_STEP_TYPES = {spec.model_fields["type"].default for spec in TRAINING_STEPS}
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -42,48 +49,46 @@ def _recipe_error(exc: RecipeError) -> APIError:
                     {"errors": errors})
 
 
-def validate_recipe(value: Any, model_format: str | None) -> tuple[dict[str, Any], list[str] | None]:
-    """A recipe (object or preset) -> its normalised JSON and outputs, or a 422 naming each bad field."""
+def validate_recipe(value: Any, model_format: str | None) -> tuple[Recipe, list[str] | None]:
+    """A recipe (object or preset) -> the typed Recipe and its outputs, or a 422 naming each bad field."""
     try:
         recipe = parse_recipe(value)
         outputs = check_against_format(recipe, model_format) if model_format else recipe.outputs
     except RecipeError as exc:
         raise _recipe_error(exc) from None
-    return recipe.model_dump(mode="json"), outputs
+    return recipe, outputs
 
 
-def job_queue(settings: Settings, recipe: dict[str, Any]) -> str:
+def job_queue(settings: Settings, recipe: Recipe) -> str:
     """The GPU queue (when configured) for jobs that train or ask for CUDA; the default queue otherwise."""
-    trains = any(step.get("type") in TRAINING_STEP_TYPES for step in recipe["steps"])
-    wants_gpu = recipe.get("device") == "cuda" or (trains and recipe.get("device") != "cpu")
+    trains = any(isinstance(step, TRAINING_STEPS) for step in recipe.steps)
+    wants_gpu = recipe.device == "cuda" or (trains and recipe.device != "cpu")
     return settings.queue_gpu if settings.queue_gpu and wants_gpu else settings.queue_default
 
 
 def check_job(db: Session, principal: Principal, body: JobCreate
-              ) -> tuple[Model, dict[str, str], dict[str, Any], list[str]]:
+              ) -> tuple[Model, dict[str, str], Recipe, list[str]]:
     """Everything a submit checks before inserting (the model, datasets and teachers are the team's; the recipe
     fits the model's format) -> (model, datasets, recipe, outputs), or the 404/422."""
-    model = db.get(Model, body.model_id)
-    if model is None or model.team_id != principal.team_id or model.deleted_at is not None:
+    model = owned(db.get(Model, body.model_id), principal)
+    if model is None:
         raise not_found("model", body.model_id)
     datasets = {role: ident for role, ident in body.datasets.model_dump().items() if ident}
     for role, ident in datasets.items():
-        ds = db.get(Dataset, ident)
-        if ds is None or ds.team_id != principal.team_id or ds.deleted_at is not None:
+        if owned(db.get(Dataset, ident), principal) is None:
             raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
                            {"field": f"datasets.{role}", "id": ident})
     recipe, outputs = validate_recipe(body.recipe, model.format)
-    guard, eval_role = recipe.get("guard") or {}, recipe["evaluate"]["dataset"]
-    if guard.get("max_accuracy_drop") is not None and eval_role not in datasets:
+    eval_role = recipe.evaluate.dataset
+    if recipe.guard and recipe.guard.max_accuracy_drop is not None and eval_role not in datasets:
         raise APIError(422, "invalid_recipe", f"recipe.guard.max_accuracy_drop needs accuracy: give a labelled "
                                               f"datasets.{eval_role}", {"errors": [{
                                                   "field": "recipe.guard.max_accuracy_drop",
                                                   "message": f"needs datasets.{eval_role} (with labels)"}]})
-    for i, step in enumerate(recipe["steps"]):  # a teacher is another model of the same team
-        teacher = step.get("teacher") if step.get("type") == "distill" else None
-        if teacher and teacher != "original":
-            row = db.get(Model, teacher)
-            if row is None or row.team_id != principal.team_id or row.deleted_at is not None:
+    for i, step in enumerate(recipe.steps):  # a teacher is another model of the same team
+        teacher = step.teacher if isinstance(step, DistillSpec) else "original"
+        if teacher != "original":
+            if owned(db.get(Model, teacher), principal) is None:
                 raise APIError(404, "not_found", f"teacher model {teacher!r} (recipe.steps[{i}].teacher) not found",
                                {"field": f"recipe.steps[{i}].teacher", "id": teacher})
     return model, datasets, recipe, outputs
@@ -102,7 +107,8 @@ def create_job(db: Session, settings: Settings, principal: Principal, body: JobC
     if sweep_id is None:  # a sweep checks the priority and the queue room of all its points at once
         limits.check_submission(db, settings, principal.team_id, body.priority)
     webhook = check_job_webhook(db, settings, principal, body.webhook)
-    job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued", recipe=recipe,
+    job = Job(id=new_id("job"), team_id=principal.team_id, model_id=model.id, status="queued",
+              recipe=recipe.model_dump(mode="json"),
               outputs=outputs, datasets=datasets, job_metadata=body.metadata, queue=job_queue(settings, recipe),
               priority=body.priority, enqueued_at=utcnow(), idempotency_key=idempotency_key,
               request_hash=request_hash, sweep_id=sweep_id, webhook=webhook)
@@ -137,8 +143,8 @@ def _replay(job: Job, request_hash: str) -> Job:
 
 
 def get_job(db: Session, principal: Principal, job_id: str) -> Job:
-    job = db.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query: the hot polling path
-    if job is None or job.team_id != principal.team_id:
+    job = owned(db.get(Job, job_id, options=[joinedload(Job.artifacts)]), principal)  # one query: the hot path
+    if job is None:
         raise not_found("job", job_id)
     return job
 
@@ -185,7 +191,8 @@ def delete_job(db: Session, store: BlobStore, principal: Principal, job_id: str)
         raise APIError(409, "job_active", f"job is {job.status}: cancel it first, then delete it",
                        {"status": job.status})
     held = [a.sha256 for a in job.artifacts]
-    held += db.scalars(select(Model.sha256).where(Model.id.in_([job.model_id, *teacher_model_ids(job.recipe)])))
+    model_ids = [job.model_id, *teacher_model_ids(job.recipe)]
+    held += db.scalars(select(Model.sha256).where(Model.id.in_(model_ids)))
     held += db.scalars(select(Dataset.sha256).where(Dataset.id.in_(list((job.datasets or {}).values()))))
     # the status condition: a job is never deleted from under a claim (terminal jobs are never claimed again)
     db.execute(delete(Job).where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES)))

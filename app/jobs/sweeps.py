@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.api.schemas import JobCreate, SweepCreate
-from app.core.auth import Principal
+from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id
 from app.core.errors import APIError, not_found
@@ -225,8 +225,8 @@ def _replay(db: Session, principal: Principal, request: dict[str, Any], key: str
 
 
 def get_sweep(db: Session, principal: Principal, sweep_id: str) -> Sweep:
-    sweep = db.get(Sweep, sweep_id)
-    if sweep is None or sweep.team_id != principal.team_id:
+    sweep = owned(db.get(Sweep, sweep_id), principal)
+    if sweep is None:
         raise not_found("sweep", sweep_id)
     return sweep
 

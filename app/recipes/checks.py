@@ -134,6 +134,7 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
 
 
 def teacher_model_ids(recipe: dict[str, Any]) -> list[str]:
-    """The uploaded models a (validated) recipe's distill steps learn from ("original" is the job's own model)."""
+    """The uploaded models a stored recipe's distill steps learn from ("original" is the job's own model). Reads the
+    job row's JSON as it is: a claim or a delete must not fail on a row whose recipe no longer validates."""
     return [step["teacher"] for step in recipe.get("steps", [])
             if step.get("type") == "distill" and step.get("teacher") not in (None, "original")]

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.api.schemas import JobWebhook, WebhookCreate
-from app.core.auth import Principal
+from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id, utcnow
 from app.core.errors import APIError, not_found
@@ -67,8 +67,8 @@ def list_webhooks(db: Session, principal: Principal) -> list[Webhook]:
 
 def delete_webhook(db: Session, principal: Principal, webhook_id: str) -> None:
     """Stops the webhook; its pending deliveries are canceled, its records kept."""
-    hook = db.get(Webhook, webhook_id)
-    if hook is None or hook.team_id != principal.team_id or hook.deleted_at is not None:
+    hook = owned(db.get(Webhook, webhook_id), principal)
+    if hook is None:
         raise not_found("webhook", webhook_id)
     hook.deleted_at = utcnow()
     cancel_pending(db, hook.id, "the webhook was deleted")

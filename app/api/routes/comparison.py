@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Response
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Query, Response
 
+from app.api.dependencies import Caller, ReadDb
 from app.api.schemas import Comparison, error_responses
-from app.core.auth import Principal, authenticate
-from app.core.db import get_read_db
 from app.recipes import Runtime
 from app.reports import comparison
 
@@ -15,17 +13,17 @@ router = APIRouter(prefix="/v1/models", tags=["comparison"], responses=error_res
 
 
 @router.get("/{model_id}/jobs/compare", response_model=Comparison, responses=error_responses(404, 422))
-def compare(model_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
-            limit: int = Query(500, ge=1, le=5000), db: Session = Depends(get_read_db),
-            principal: Principal = Depends(authenticate)) -> Comparison:
+def compare(model_id: str, db: ReadDb, principal: Caller, runtime: Runtime | None = None,
+            batch_size: int | None = Query(None, ge=1, le=4096),
+            limit: int = Query(500, ge=1, le=5000)) -> Comparison:
     return Comparison(**comparison.compare_model(db, principal, model_id, runtime, batch_size, limit))
 
 
 @router.get("/{model_id}/jobs/compare.png", responses={200: {"content": {"image/png": {}}},
                                                       **error_responses(404, 422)})
-def compare_png(model_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
-                limit: int = Query(500, ge=1, le=5000), db: Session = Depends(get_read_db),
-                principal: Principal = Depends(authenticate)) -> Response:
+def compare_png(model_id: str, db: ReadDb, principal: Caller, runtime: Runtime | None = None,
+                batch_size: int | None = Query(None, ge=1, le=4096),
+                limit: int = Query(500, ge=1, le=5000)) -> Response:
     from app.reports.plots import pareto_png
 
     report = comparison.compare_model(db, principal, model_id, runtime, batch_size, limit)

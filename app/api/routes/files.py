@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.api.dependencies import Caller, ReadDb, WriteDb
 from app.api.schemas import FileOut, ModelPage, error_responses
 from app.api.views import file_out
 from app.blobs.store import BlobStore, make_store
-from app.core.auth import Principal, authenticate
+from app.core.auth import Principal
 from app.core.config import Settings, get_settings
-from app.core.db import get_db, get_read_db
 from app.core.errors import APIError
 from app.core.tables import Dataset, Model
 from app.files import service as files
@@ -103,8 +103,8 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                      "multipart/form-data": {"schema": {"type": "object", "properties": {
                          "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
-    async def upload(request: Request, name: str | None = Query(None, max_length=255),
-                     db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> FileOut:
+    async def upload(request: Request, db: WriteDb, principal: Caller,
+                     name: str | None = Query(None, max_length=255)) -> FileOut:
         settings = get_settings()
         await run_in_threadpool(limits.check_upload_start, db, settings, principal.team_id, _declared(request))
         received = await receive(request, settings.tmp_dir, settings.max_upload_bytes)
@@ -113,26 +113,25 @@ def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
         return file_out(row, kind)
 
     @router.get("", response_model=ModelPage, responses=error_responses(422))
-    def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
-              sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$",
-                                         description="Only the team's files with this content (lowercase hex)."),
-              db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> ModelPage:
+    def list_(db: ReadDb, principal: Caller, limit: int = Query(50, ge=1, le=200),
+              after: str | None = Query(None, max_length=40),
+              sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$", description=(
+                  "Only the team's files with this content (lowercase hex)."))) -> ModelPage:
         rows, more = files.list_owned(db, principal, row_type, limit, after, sha256)
         return ModelPage(data=[file_out(r, kind) for r in rows], has_more=more,
                          next=rows[-1].id if more else None)
 
     @router.get("/{ident}", response_model=FileOut, responses=error_responses(404))
-    def show(ident: str, db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> FileOut:
+    def show(ident: str, db: ReadDb, principal: Caller) -> FileOut:
         return file_out(files.get_owned(db, principal, row_type, ident), kind)
 
     @router.delete("/{ident}", status_code=204, responses=error_responses(404))
-    def delete(ident: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> None:
+    def delete(ident: str, db: WriteDb, principal: Caller) -> None:
         files.delete_owned(db, make_store(), principal, row_type, ident)
 
     @router.get("/{ident}/file", responses={200: {"content": {"application/octet-stream": {}}},
                                            **error_responses(404)})
-    def download(ident: str, request: Request, db: Session = Depends(get_read_db),
-                 principal: Principal = Depends(authenticate)) -> Response:
+    def download(ident: str, request: Request, db: ReadDb, principal: Caller) -> Response:
         row = files.get_owned(db, principal, row_type, ident)
         return download_response(request, make_store(), row.sha256, row.name)
 

@@ -4,18 +4,18 @@ import asyncio
 import json
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
+from app.api.dependencies import Caller, ReadDb, WriteDb
 from app.api.routes.files import download_response
 from app.api.schemas import EventList, EventOut, JobCreate, JobOut, JobPage, error_responses
 from app.api.views import job_out
 from app.blobs.store import make_store
-from app.core.auth import Principal, authenticate
+from app.core.auth import Principal
 from app.core.config import get_settings
-from app.core.db import get_db, get_read_db, get_read_sessionmaker
+from app.core.db import get_read_sessionmaker
 from app.core.tables import Job
 from app.jobs import service as jobs
 from app.jobs.states import TERMINAL_STATUSES
@@ -26,8 +26,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(4
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=error_responses(404, 409, 422, 429))
-def create(body: JobCreate, response: Response, db: Session = Depends(get_db),
-           principal: Principal = Depends(authenticate),
+def create(body: JobCreate, response: Response, db: WriteDb, principal: Caller,
            idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
     job, created = jobs.create_job(db, get_settings(), principal, body, idempotency_key)
     if not created:
@@ -37,33 +36,33 @@ def create(body: JobCreate, response: Response, db: Session = Depends(get_db),
 
 
 @router.get("", response_model=JobPage, responses=error_responses(422))
-def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
-          status: JobStatus | None = None, model_id: str | None = Query(None, max_length=40),
-          db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> JobPage:
+def list_(db: ReadDb, principal: Caller, limit: int = Query(50, ge=1, le=200),
+          after: str | None = Query(None, max_length=40), status: JobStatus | None = None,
+          model_id: str | None = Query(None, max_length=40)) -> JobPage:
     rows, more = jobs.list_jobs(db, principal, limit, after, status, model_id)
     return JobPage(data=[job_out(j) for j in rows], has_more=more, next=rows[-1].id if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def show(job_id: str, db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> Response:
+def show(job_id: str, db: ReadDb, principal: Caller) -> Response:
     # The polling hot path: serialise once here rather than have FastAPI validate the model again.
     return Response(job_out(jobs.get_job(db, principal, job_id)).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
-def cancel(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> JobOut:
+def cancel(job_id: str, db: WriteDb, principal: Caller) -> JobOut:
     return job_out(jobs.cancel_job(db, principal, job_id))
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409))
-def delete(job_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> None:
+def delete(job_id: str, db: WriteDb, principal: Caller) -> None:
     """A finished job, its events and artifacts; frees the storage nothing else uses. 409 while it is active."""
     jobs.delete_job(db, make_store(), principal, job_id)
 
 
 @router.post("/{job_id}/rerun", status_code=202, response_model=JobOut,
               responses=error_responses(404, 409, 422, 429))
-def rerun(job_id: str, response: Response, db: Session = Depends(get_db), principal: Principal = Depends(authenticate),
+def rerun(job_id: str, response: Response, db: WriteDb, principal: Caller,
           idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
     """A new job with the same model, datasets and recipe; its metadata has `rerun_of`."""
     job, created = jobs.rerun_job(db, get_settings(), principal, job_id, idempotency_key)
@@ -79,9 +78,9 @@ def _event_out(e) -> EventOut:
 
 @router.get("/{job_id}/events", response_model=EventList,
             responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)})
-async def events(job_id: str, request: Request, after: int = Query(0, ge=0), stream: bool = False,
-                 last_event_id: str | None = Header(None, max_length=20),
-                 db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)):
+async def events(job_id: str, request: Request, db: ReadDb, principal: Caller,
+                 after: int = Query(0, ge=0), stream: bool = False,
+                 last_event_id: str | None = Header(None, max_length=20)):
     if last_event_id and last_event_id.isdigit():
         after = max(after, int(last_event_id))
     first = await run_in_threadpool(jobs.list_events, db, principal, job_id, after)
@@ -120,7 +119,6 @@ def _events_since(principal: Principal, job_id: str, cursor: int):
 
 @router.get("/{job_id}/artifacts/{name}", responses={200: {"content": {"application/octet-stream": {}}},
                                                     **error_responses(404)})
-def artifact(job_id: str, name: str, request: Request, db: Session = Depends(get_read_db),
-             principal: Principal = Depends(authenticate)) -> Response:
+def artifact(job_id: str, name: str, request: Request, db: ReadDb, principal: Caller) -> Response:
     art = jobs.get_artifact(db, principal, job_id, name)
     return download_response(request, make_store(), art.sha256, art.name)

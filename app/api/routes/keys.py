@@ -1,10 +1,10 @@
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from app.api.dependencies import Admin, WriteDb
 from app.api.schemas import KeyCreate, KeyCreated, KeyOut, error_responses
-from app.core.auth import Principal, create_key, forget_key, require_admin
-from app.core.db import get_db, utcnow
+from app.core.auth import create_key, forget_key
+from app.core.db import utcnow
 from app.core.errors import not_found
 from app.core.tables import ApiKey
 
@@ -17,19 +17,19 @@ def _out(row: ApiKey) -> KeyOut:
 
 
 @router.post("", status_code=201, response_model=KeyCreated, responses=error_responses(422))
-def create(body: KeyCreate, db: Session = Depends(get_db), _: Principal = Depends(require_admin)) -> KeyCreated:
+def create(body: KeyCreate, db: WriteDb, _: Admin) -> KeyCreated:
     row, key = create_key(db, body.team, body.name, is_admin=body.admin)
     db.commit()
     return KeyCreated(**_out(row).model_dump(), key=key)
 
 
 @router.get("", response_model=list[KeyOut])
-def list_keys(db: Session = Depends(get_db), _: Principal = Depends(require_admin)) -> list[KeyOut]:
+def list_keys(db: WriteDb, _: Admin) -> list[KeyOut]:
     return [_out(r) for r in db.scalars(select(ApiKey).order_by(ApiKey.created_at))]
 
 
 @router.delete("/{key_id}", status_code=204, responses=error_responses(404))
-def revoke(key_id: str, db: Session = Depends(get_db), _: Principal = Depends(require_admin)) -> None:
+def revoke(key_id: str, db: WriteDb, _: Admin) -> None:
     row = db.get(ApiKey, key_id)
     if row is None:
         raise not_found("key", key_id)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, Query, Response
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Header, Query, Response
 
+from app.api.dependencies import Caller, ReadDb, WriteDb
 from app.api.schemas import SweepCreate, SweepOut, SweepPage, SweepSummary, error_responses
-from app.core.auth import Principal, authenticate
 from app.core.config import get_settings
-from app.core.db import get_db, get_read_db
 from app.jobs import sweeps
 from app.recipes import Runtime
 from app.reports.comparison import plot_points
@@ -18,8 +16,7 @@ PNG = {200: {"content": {"image/png": {}}}}
 
 
 @router.post("", status_code=202, response_model=SweepOut, responses=error_responses(404, 409, 422, 429))
-def create(body: SweepCreate, response: Response, db: Session = Depends(get_db),
-           principal: Principal = Depends(authenticate),
+def create(body: SweepCreate, response: Response, db: WriteDb, principal: Caller,
            idempotency_key: str | None = Header(None, max_length=240)) -> SweepOut:
     sweep, created = sweeps.create_sweep(db, get_settings(), principal, body, idempotency_key)
     if not created:
@@ -29,22 +26,22 @@ def create(body: SweepCreate, response: Response, db: Session = Depends(get_db),
 
 
 @router.get("", response_model=SweepPage, responses=error_responses(422))
-def list_(limit: int = Query(50, ge=1, le=200), after: str | None = Query(None, max_length=40),
-          model_id: str | None = Query(None, max_length=40),
-          db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> SweepPage:
+def list_(db: ReadDb, principal: Caller, limit: int = Query(50, ge=1, le=200),
+          after: str | None = Query(None, max_length=40),
+          model_id: str | None = Query(None, max_length=40)) -> SweepPage:
     rows, more = sweeps.list_sweeps(db, principal, limit, after, model_id)
     return SweepPage(data=[SweepSummary(**r) for r in rows], has_more=more, next=rows[-1]["id"] if more else None)
 
 
 @router.get("/{sweep_id}", response_model=SweepOut, responses=error_responses(404, 422))
-def show(sweep_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
-         db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> SweepOut:
+def show(sweep_id: str, db: ReadDb, principal: Caller, runtime: Runtime | None = None,
+         batch_size: int | None = Query(None, ge=1, le=4096)) -> SweepOut:
     return SweepOut(**sweeps.sweep_report(db, sweeps.get_sweep(db, principal, sweep_id), runtime, batch_size))
 
 
 @router.get("/{sweep_id}/pareto.png", responses={**PNG, **error_responses(404, 422)})
-def pareto_png(sweep_id: str, runtime: Runtime | None = None, batch_size: int | None = Query(None, ge=1, le=4096),
-               db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> Response:
+def pareto_png(sweep_id: str, db: ReadDb, principal: Caller, runtime: Runtime | None = None,
+               batch_size: int | None = Query(None, ge=1, le=4096)) -> Response:
     from app.reports.plots import pareto_png as render
 
     report = sweeps.sweep_report(db, sweeps.get_sweep(db, principal, sweep_id), runtime, batch_size)

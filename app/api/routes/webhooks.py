@@ -1,8 +1,8 @@
 """Webhooks: a team's standing webhooks, its signing secret, and the delivery records of a job."""
 
-from fastapi import APIRouter, Depends
-from sqlalchemy.orm import Session
+from fastapi import APIRouter
 
+from app.api.dependencies import Caller, ReadDb, WriteDb
 from app.api.schemas import (
     DeliveryList,
     DeliveryOut,
@@ -13,9 +13,7 @@ from app.api.schemas import (
     WebhookOut,
     error_responses,
 )
-from app.core.auth import Principal, authenticate
 from app.core.config import get_settings
-from app.core.db import get_db, get_read_db
 from app.core.tables import Webhook, WebhookDelivery
 from app.webhooks import service as webhooks
 
@@ -35,32 +33,30 @@ def _delivery(d: WebhookDelivery) -> DeliveryOut:
 
 
 @router.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, responses=error_responses(409, 422))
-def create(body: WebhookCreate, db: Session = Depends(get_db),
-           principal: Principal = Depends(authenticate)) -> WebhookCreated:
+def create(body: WebhookCreate, db: WriteDb, principal: Caller) -> WebhookCreated:
     """Every job of the team delivers the chosen events here; the secret is shown only in this response."""
     hook = webhooks.create_webhook(db, get_settings(), principal, body)
     return WebhookCreated(**_out(hook).model_dump(), secret=hook.secret)
 
 
 @router.get("/v1/webhooks", response_model=WebhookList, responses=error_responses(422))
-def list_(db: Session = Depends(get_read_db), principal: Principal = Depends(authenticate)) -> WebhookList:
+def list_(db: ReadDb, principal: Caller) -> WebhookList:
     return WebhookList(data=[_out(h) for h in webhooks.list_webhooks(db, principal)])
 
 
 @router.delete("/v1/webhooks/{webhook_id}", status_code=204, responses=error_responses(404))
-def delete(webhook_id: str, db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> None:
+def delete(webhook_id: str, db: WriteDb, principal: Caller) -> None:
     webhooks.delete_webhook(db, principal, webhook_id)
 
 
 @router.post("/v1/webhooks/signing-secret", status_code=201, response_model=SigningSecret,
              responses=error_responses(422))
-def signing_secret(db: Session = Depends(get_db), principal: Principal = Depends(authenticate)) -> SigningSecret:
+def signing_secret(db: WriteDb, principal: Caller) -> SigningSecret:
     """A new team signing secret for job webhooks submitted without their own; it replaces the old one at once."""
     return SigningSecret(secret=webhooks.rotate_signing_secret(db, principal))
 
 
 @router.get("/v1/jobs/{job_id}/webhook-deliveries", response_model=DeliveryList, responses=error_responses(404))
-def deliveries(job_id: str, db: Session = Depends(get_read_db),
-               principal: Principal = Depends(authenticate)) -> DeliveryList:
+def deliveries(job_id: str, db: ReadDb, principal: Caller) -> DeliveryList:
     """Every attempt to deliver the job's events, oldest first (a retry is a new row with the same message_id)."""
     return DeliveryList(data=[_delivery(d) for d in webhooks.list_deliveries(db, principal, job_id)])

@@ -1,4 +1,5 @@
-"""`python -m app.files.screening KIND PATH MAX_UNPACKED_BYTES MAX_ENTRIES CPU_S`: the screening child (app/files/screening/child.py)."""
+"""`python -m app.files.screening KIND PATH MAX_UNPACKED_BYTES MAX_ENTRIES CPU_S`: the screening child
+(app/files/screening/child.py)."""
 
 import sys
 

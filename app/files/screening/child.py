@@ -1,5 +1,5 @@
-"""Screening an upload in a child process (`python -S -m app.files.screening`), with a time budget: hostile bytes are read
-off the API's event loop and thread pool, by a process that can be killed."""
+"""Screening an upload in a child process (`python -S -m app.files.screening`), with a time budget: hostile bytes
+are read off the API's event loop and thread pool, by a process that can be killed."""
 
 from __future__ import annotations
 
