@@ -19,7 +19,7 @@ from tests.conftest import new_team_key
 HOOK = "https://hooks.example.invalid/hook"
 # Routes anyone may call: probes, the dashboard's static page (it holds no data) and the API docs.
 PUBLIC = {"/healthz", "/readyz", "/", "/dashboard", "/dashboard/static/{name}", "/openapi.json",
-          "/docs", "/docs/oauth2-redirect", "/redoc"}
+          "/docs", "/docs/static/{name}", "/redoc"}
 # Admin-only routes: another team's key is refused with 403 (the resource is not secret; the right is missing).
 # /metrics counts every team's jobs: an admin key or the scraper's SQUEEZE_METRICS_TOKEN.
 ADMIN_ONLY = {"/v1/keys", "/v1/keys/{key_id}", "/metrics"}
@@ -80,7 +80,9 @@ def _fill(path: str, ids: dict[str, str]) -> str:
         if param == "ident":
             return ids["dataset"] if path.startswith("/v1/datasets") else ids["model"]
         if param == "name":
-            return "report.json" if path.startswith("/v1/jobs") else "dashboard.js"
+            if path.startswith("/v1/jobs"):
+                return "report.json"
+            return "swagger-ui.css" if path.startswith("/docs") else "dashboard.js"
         kind = param.removesuffix("_id")
         assert kind in ids, f"{path}: no id of alpha for path parameter {param!r}; add one to the world fixture"
         return ids[kind]
