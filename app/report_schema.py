@@ -1,8 +1,9 @@
-"""The one schema of report.json, every job's measured report (written by worker/sandbox.py).
+"""The one schema of report.json, every job's measured report (built as `Report` by worker/engine/job/report.py).
 
 Required fields are what a reader may rely on for any job, whatever its steps and formats; step reports differ by
 step type and are checked for their common fields only. `validate_report(data)` raises pydantic's
-ValidationError naming the field that does not fit; `Report.model_json_schema()` is the JSON Schema.
+ValidationError naming the field that does not fit; `Report.model_json_schema()` is the JSON Schema. Numbers are
+`int | float`, so a report dumps each number as it was measured (8 bits stays 8, not 8.0).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Ratio = float | None
+REPORT_SCHEMA_VERSION = 1
+Number = int | float
+Ratio = Number | None
 
 
 class _Open(BaseModel):
@@ -20,8 +23,8 @@ class _Open(BaseModel):
 
 class Timing(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    median: float = Field(..., ge=0)
-    p90: float = Field(..., ge=0)
+    median: Number = Field(..., ge=0)
+    p90: Number = Field(..., ge=0)
 
 
 class Side(_Open):
@@ -31,16 +34,16 @@ class Side(_Open):
     size_bytes: int = Field(..., ge=0)
     params: int = Field(..., ge=0)
     nonzero_params: int = Field(..., ge=0)
-    sparsity: float = Field(..., ge=0, le=1)
+    sparsity: Number = Field(..., ge=0, le=1)
     latency_ms: dict[str, dict[str, Timing]]  # runtime -> batch size -> median/p90
-    accuracy: float | None = Field(..., ge=0, le=1)
+    accuracy: Number | None = Field(..., ge=0, le=1)
     macs: int | None
 
 
 class Result(Side):
-    agreement: float | None = Field(..., ge=0, le=1)
-    cosine: float | None
-    max_abs_error: float | None
+    agreement: Number | None = Field(..., ge=0, le=1)
+    cosine: Number | None
+    max_abs_error: Number | None
 
 
 class Ratios(_Open):
@@ -48,24 +51,24 @@ class Ratios(_Open):
     params: Ratio
     nonzero_params: Ratio
     latency: dict[str, dict[str, Ratio]]
-    accuracy_drop: float | None
+    accuracy_drop: Number | None
 
 
 class Layer(_Open):
     name: str
     shape: list[int]
     shape_after: list[int] | None
-    sparsity_before: float | None
-    sparsity_after: float | None
-    bits: float | None
+    sparsity_before: Number | None
+    sparsity_after: Number | None
+    bits: Number | None
 
 
 class GuardCheck(_Open):
     bound: Literal["max_accuracy_drop", "min_agreement", "min_speedup", "min_size_ratio"]
-    limit: float
-    measured: float | None
+    limit: Number
+    measured: Number | None
     passed: bool
-    missed_by: float | None
+    missed_by: Number | None
 
 
 class GuardVerdict(BaseModel):
@@ -89,8 +92,8 @@ class Run(_Open):
     model_sha256: str | None
     device: Literal["cpu", "cuda"]
     environment: Environment
-    timings: dict[str, float]
-    step_seconds: list[float | None]
+    timings: dict[str, Number]
+    step_seconds: list[Number | None]
 
 
 class Metrics(_Open):
@@ -106,7 +109,7 @@ class StepReport(_Open):
     index: int = Field(..., ge=0)
     stage: str
     type: str
-    seconds: float = Field(..., ge=0)
+    seconds: Number = Field(..., ge=0)
 
 
 class ModelRef(BaseModel):
@@ -130,8 +133,8 @@ class Report(BaseModel):
     metrics: Metrics
     steps: list[StepReport] = Field(..., min_length=1)
     layers: list[Layer]
-    timings: dict[str, float]
-    engine_seconds: float = Field(..., ge=0)
+    timings: dict[str, Number]
+    engine_seconds: Number = Field(..., ge=0)
     notes: list[str]
     environment: Environment
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, Runner, get_format
+from worker.engine.formats import get_format
+from worker.engine.formats.base import LoadedModel, Runner
 
 
 def model_stats(model: LoadedModel, path: Path) -> dict:

@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from app.recipes import Recipe
 from worker.engine.datasets import Dataset
 from worker.engine.formats.base import LoadedModel
-from worker.engine.passes import StepContext, StepReport, pass_for
+from worker.engine.passes import Pass, StepContext, StepReport, pass_for
 
 # progress(fraction of all steps done, stage like "steps[0].prune", message)
 Progress = Callable[[float, str, str], None]
 
 
-def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset] | None = None, threads: int = 1,
-              workdir: Path = Path("."), progress: Progress | None = None,
-              on_step_done: Callable[[StepReport], None] | None = None,
-              on_event: Callable[[str, dict], None] | None = None,
-              teachers: dict[str, tuple[Path, str]] | None = None, device: str = "cpu",
-              timing: tuple[int, int] = (1, 32)) -> list[StepReport]:
-    """Apply every step in place; return one report per step (with `index`, `stage` and `seconds` added)."""
-    reports: list[StepReport] = []
+@dataclass
+class AppliedStep:
+    """A step as it applied: its pass (which may still export an output and amend its report) and its report."""
+
+    pass_: Pass
+    report: StepReport
+
+
+def apply_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset] | None = None, threads: int = 1,
+                workdir: Path = Path("."), progress: Progress | None = None,
+                on_step_done: Callable[[StepReport], None] | None = None,
+                on_event: Callable[[str, dict], None] | None = None,
+                teachers: dict[str, tuple[Path, str]] | None = None, device: str = "cpu",
+                timing: tuple[int, int] = (1, 32), outputs: list[str] | None = None) -> list[AppliedStep]:
+    """Apply every step in place; each report gets `index`, `stage` and `seconds` added."""
+    applied: list[AppliedStep] = []
     teachers = {"original": (model.path, model.format), **(teachers or {})}  # "original": the file as uploaded
     n = len(recipe.steps)
     for i, spec in enumerate(recipe.steps):
@@ -38,12 +47,19 @@ def run_steps(model: LoadedModel, recipe: Recipe, *, datasets: dict[str, Dataset
 
         step_progress(0.0, f"starting {spec.type}")
         ctx = StepContext(index=i, datasets=datasets or {}, threads=threads, workdir=workdir, progress=step_progress,
-                          event=step_event, teachers=teachers, device=device, timing=timing)
+                          event=step_event, teachers=teachers, device=device, timing=timing,
+                          outputs=list(outputs or []), earlier=[a.pass_ for a in applied])
         started = time.perf_counter()
-        report = pass_for(spec).apply(model, spec, ctx)
+        step = pass_for(spec)
+        report = step.apply(model, spec, ctx)
         report = {"index": i, "stage": stage, **report, "seconds": round(time.perf_counter() - started, 4)}
-        reports.append(report)
+        applied.append(AppliedStep(step, report))
         step_progress(1.0, f"{spec.type} done")
         if on_step_done is not None:
             on_step_done(report)
-    return reports
+    return applied
+
+
+def run_steps(model: LoadedModel, recipe: Recipe, **options: Any) -> list[StepReport]:
+    """apply_steps, for a caller that wants the step reports only (nothing is exported)."""
+    return [a.report for a in apply_steps(model, recipe, **options)]

@@ -17,7 +17,7 @@ from tests.worker.engine.test_channel_finetune import resnet  # noqa: F401  (fix
 from tests.worker.engine.test_sandbox import final, make_job, run_sandbox
 from worker.engine.errors import EngineError
 from worker.engine.passes import StepContext, pass_for
-from worker.engine.training import lr_factor
+from worker.engine.shared.training import lr_factor
 
 
 def distill(model, spec: DistillSpec, data, teachers, tmp_path, events=None):
@@ -111,7 +111,7 @@ def test_feature_matching_and_determinism(zoo, digits, tmp_path):
 
 
 def test_cuda_on_a_worker_without_it_fails_at_once(zoo, digits, tmp_path):
-    from worker.sandbox import resolve_device
+    from worker.engine.job.context import resolve_device
 
     assert resolve_device("cpu", "auto") == "cpu"
     assert resolve_device("auto", "cpu") == "cpu"

@@ -314,7 +314,7 @@ def test_int8_kernel_choice_is_exact_where_chosen(tmp_path, digits, cnn):
     import onnxruntime as ort
 
     from worker.engine.cpu import host_flags
-    from worker.engine.formats.base import LoadedModel, get_format
+    from worker.engine.formats import LoadedModel, get_format
     from worker.engine.passes.quantize import ort as ort_quant
 
     host = ort_quant.int8_kernel(host_flags())
@@ -594,33 +594,56 @@ def test_static_int8_onnx_tries_the_first_layer_quantized_and_reports_what_it_ke
     assert result["metrics"]["compressed"]["agreement"] >= 0.98
 
 
-def test_amend_step_report_marks_the_first_layer_the_onnx_output_quantized():
+def test_finalize_marks_the_first_layer_the_onnx_output_quantized():
     from app.recipes import QuantizeSpec
-    from worker.engine.formats.base import LoadedModel
-    from worker.engine.passes.quantize import PLAN, QuantPlan, amend_step_report
+    from worker.engine.passes import Pass
+    from worker.engine.passes.quantize import Quantize
+    from worker.engine.passes.quantize.plan import QuantPlan
 
     spec = QuantizeSpec(type="quantize", method="static_int8")
     plan = QuantPlan(spec=spec, source=None, layers=["a", "b"], quantized=["b"], kept={"a": "first layer"},
                      first_by_default=["a"])
     plan.onnx_first_quantized = ["a"]
-    model = LoadedModel("package", Path("m.zip"), None, extra={PLAN: plan})
+    step = Quantize()
+    step.plan = plan
 
-    def step() -> dict:
+    def report() -> dict:
         return {"type": "quantize", "quantized_layers": 1, "kept_float": [{"name": "a", "reason": "first layer"}],
                 "layers": [{"name": "a", "bits": 32, "quantized": False, "kept_float": "first layer"},
                            {"name": "b", "bits": 8, "quantized": True}]}
 
-    reports = [{"type": "prune"}, step()]
-    amend_step_report(model, reports, ["onnx"])
-    assert reports[1]["layers"][0] == {"name": "a", "bits": 8, "quantized": True}
-    assert reports[1]["kept_float"] == [] and reports[1]["quantized_layers"] == 2
-    both = [step()]
-    amend_step_report(model, both, ["onnx", "pt2"])
-    assert both[0]["layers"][0]["bits"] == 8 and "pt2 output only" in both[0]["layers"][0]["kept_float"]
+    amended = report()
+    step.finalize(amended, ["onnx"])
+    assert amended["layers"][0] == {"name": "a", "bits": 8, "quantized": True}
+    assert amended["kept_float"] == [] and amended["quantized_layers"] == 2
+    both = report()
+    step.finalize(both, ["onnx", "pt2"])
+    assert both["layers"][0]["bits"] == 8 and "pt2 output only" in both["layers"][0]["kept_float"]
     plan.onnx_first_quantized = []
-    untouched = [step()]
-    amend_step_report(model, untouched, ["onnx"])
-    assert untouched == [step()]
+    untouched = report()
+    step.finalize(untouched, ["onnx"])
+    assert untouched == report()
+    unplanned = report()
+    Quantize().finalize(unplanned, ["onnx"])  # a step that planned nothing leaves its report alone
+    Pass().finalize(unplanned, ["onnx"])
+    assert unplanned == report()
+
+
+def test_every_method_has_one_registered_handler():
+    from typing import get_args
+
+    from app.recipes import QuantizeSpec
+    from worker.engine.errors import EngineError
+    from worker.engine.passes.quantize.methods import METHODS, handler_for, method
+
+    assert sorted(METHODS) == sorted(get_args(QuantizeSpec.model_fields["method"].annotation))
+    assert {name: cls.bits for name, cls in METHODS.items()} == {
+        "static_int8": 8, "dynamic_int8": 8, "weight_int8": 8, "weight_int4": 4, "binary": 1}
+    with pytest.raises(RuntimeError, match="already has a handler"):
+        method("binary")(METHODS["binary"])
+    with pytest.raises(EngineError) as err:
+        handler_for("ternary")
+    assert err.value.code == "unsupported"
 
 
 def _quantize_cnn_with_first_layer_trial(cnn, digits, workdir: Path):

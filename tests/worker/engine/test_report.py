@@ -118,7 +118,72 @@ def test_unmeasured_bounds_fail_and_pure_helpers():
 
 @pytest.mark.skipif(not BENCH_REPORTS.is_dir(), reason="no committed benchmark reports")
 def test_every_committed_benchmark_report_follows_the_schema():
+    """Each validates, and the schema model dumps it unchanged: the same keys and numbers as written (reports of
+    every step type and format, as the sandbox now writes them from the model)."""
     reports = sorted(BENCH_REPORTS.glob("*.json"))
     assert reports
     for path in reports:
-        validate_report(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        dumped = validate_report(data).model_dump(mode="json")
+        assert json.dumps(dumped, sort_keys=True) == json.dumps(data, sort_keys=True), path.name
+
+
+def test_the_schema_model_dumps_the_report_as_written(guarded_job):
+    """report.json is written from the schema model: dumping it again changes no key and no number (8 stays 8)."""
+    job, _ = guarded_job
+    data = json.loads((job / "out" / "report.json").read_text())
+    dumped = validate_report(data).model_dump(mode="json")
+    assert json.dumps(dumped, sort_keys=True) == json.dumps(data, sort_keys=True)
+    assert any(isinstance(layer["bits"], int) for layer in data["layers"])
+
+
+def _report_stage_inputs(data: dict, tmp_path: Path):
+    """The report stage's inputs rebuilt from a written report, for a job directory at tmp_path."""
+    import time
+
+    from app.recipes import Recipe
+    from worker.engine.formats import get_format
+    from worker.engine.job.context import JobContext
+    from worker.engine.job.measure_original import Original
+    from worker.engine.job.measure_result import Result
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def progress(self, stage, fraction, message=""):
+            self.sent.append({"stage": stage, "progress": fraction})
+
+    (tmp_path / "out").mkdir(parents=True)
+    job = JobContext(jobdir=tmp_path, channel=Recorder(), spec={"job_id": "j", "model": data["model"]},
+                     recipe=Recipe.model_validate(data["recipe"]), outputs=["pt2"], threads=2, timing_threads=2,
+                     device="cpu", fmt=get_format("pt2"), started=time.perf_counter())
+    layers = data["layers"]
+    original = Original(data=None, inputs=[], labels=None, examples=[], stats=data["metrics"]["original"],
+                        reference=None, original_onnx=None, paired=[], wanted=[], runnable_outputs=["pt2"],
+                        layers_before={x["name"]: {"shape": x["shape"], "sparsity": x["sparsity_before"]}
+                                       for x in layers})
+    result = Result(stats=data["metrics"]["compressed"], compact=None,
+                    layers_after={x["name"]: {"sparsity": x["sparsity_after"]} for x in layers})
+    return job, original, result, data["steps"]
+
+
+def test_the_report_stage_writes_a_valid_report_and_refuses_one_that_does_not_fit(guarded_job, tmp_path):
+    from worker.engine.job.report import write_report
+
+    job_dir, _ = guarded_job
+    data = json.loads((job_dir / "out" / "report.json").read_text())
+    job, original, result, steps = _report_stage_inputs(data, tmp_path / "good")
+    message = write_report(job, None, original, steps, result, [])
+    written = validate_report(json.loads((tmp_path / "good" / "out" / "report.json").read_text()))
+    assert message["type"] == "result" and written.metrics.compressed.size_bytes == result.stats["size_bytes"]
+    assert [a["name"] for a in message["artifacts"]][-1] == "report.json"
+
+    job, original, result, steps = _report_stage_inputs(data, tmp_path / "bad")
+    result.stats["size_bytes"] = -1
+    with pytest.raises(ValidationError, match="size_bytes"):
+        write_report(job, None, original, steps, result, [])
+    assert not (tmp_path / "bad" / "out" / "report.json").exists()

@@ -14,7 +14,8 @@ import torch
 
 from worker.engine.compact.storage import load_compact, read_manifest, write_compact
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, get_format
+from worker.engine.formats import get_format
+from worker.engine.formats.base import LoadedModel
 
 __all__ = ["load_compact", "read_manifest", "restore_into", "write_compact", "write_model"]
 

@@ -53,7 +53,7 @@ def module_runner(module: Any, threads: int, runtime: str = "torch") -> Runner:
     """Runs `module` eagerly (`torch`) or compiled by inductor (`torch-compile`).
 
     Compiled: static shapes (`dynamic=False`; a dynamic batch hit an inductor assertion in int8 conv) with freezing
-    (weights folded as constants, which PT2E int8 graphs need for their int8 kernels, FACTS.md). Each new input
+    (weights folded as constants, which PT2E int8 graphs need for their int8 kernels, bench/RESULTS.md). Each new input
     shape is a compile: `run.prepare(inputs)` compiles for a shape, and the latency code calls it before its warmup
     so compile time is never timed.
     """

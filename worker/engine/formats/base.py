@@ -105,21 +105,13 @@ def register(cls: type[ModelFormat]) -> type[ModelFormat]:
     return cls
 
 
-def get_format(name: str) -> ModelFormat:
-    from worker.engine import formats  # noqa: F401  (the allowlist of modules registers itself on import)
-
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        from worker.engine.errors import EngineError
-
-        raise EngineError("unsupported", f"unknown model format {name!r}; known: {sorted(_FORMATS)}") from None
+def registered(name: str) -> ModelFormat | None:
+    """The registered format of that name; the formats register when worker.engine.formats is imported."""
+    return _FORMATS.get(name)
 
 
-def registered_formats() -> dict[str, ModelFormat]:
-    from worker.engine import formats  # noqa: F401
-
-    return dict(_FORMATS)
+def format_names() -> list[str]:
+    return sorted(_FORMATS)
 
 
 def first_tensor(out: Any) -> torch.Tensor:

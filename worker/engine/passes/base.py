@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
+
 from app.recipes import StepSpec
 from worker.engine.datasets import Dataset
-from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel
 
 StepReport = dict[str, Any]
@@ -31,6 +32,10 @@ class StepContext:
     # (threads, batch) at which the job times its result: a pass choosing between equivalent graphs by speed
     # times them the same way.
     timing: tuple[int, int] = (1, 32)
+    # The formats the job writes (a quantize step picks eager or graph quantization by them); empty: the model's.
+    outputs: list[str] = field(default_factory=list)
+    # The passes of the job's earlier steps, in order, as they applied.
+    earlier: list[Pass] = field(default_factory=list)
 
 
 class Pass:
@@ -43,12 +48,24 @@ class Pass:
     - It proves its effect: when nothing eligible matched `targets`/`ignore`, or nothing changed,
       it raises EngineError("no_effect", ...) instead of reporting success.
     - It never imports or calls anything named by a user string.
+
+    Two later stages, for a pass whose change exists only in a written file (graph quantization): `export`
+    writes an output in its place, and `finalize` brings its step report in line with what was written. Every
+    other pass leaves both as they are here.
     """
 
     spec_type: ClassVar[type[StepSpec]]
 
     def apply(self, model: LoadedModel, spec: StepSpec, ctx: StepContext) -> StepReport:
         raise NotImplementedError
+
+    def export(self, model: LoadedModel, target: str, path: Path, examples: list[np.ndarray] | None,
+               workdir: Path) -> list[str] | None:
+        """Write the output `target` at `path` and return its notes, or None: the model's format writes it."""
+        return None
+
+    def finalize(self, report: StepReport, written: list[str]) -> None:
+        """Once every output is written (`written`: their formats), amend this step's report in place."""
 
 
 PASSES: dict[type[StepSpec], type[Pass]] = {}
@@ -63,12 +80,3 @@ def register(spec_type: type[StepSpec]) -> Callable[[type[Pass]], type[Pass]]:
         return cls
 
     return deco
-
-
-def pass_for(spec: StepSpec) -> Pass:
-    from worker.engine import passes  # noqa: F401  (registers the allowlist)
-
-    cls = PASSES.get(type(spec))
-    if cls is None:
-        raise EngineError("unsupported", f"no pass for step type {getattr(spec, 'type', type(spec).__name__)!r}")
-    return cls()

@@ -3,7 +3,7 @@
 The dependency graph keeps coupled layers consistent (a conv, its batch norm, the next layer's inputs,
 both sides of a residual add or a concat). The layer producing the model output is never pruned, so the
 number of classes stays. Afterwards batch-norm statistics are re-estimated: measured on a 50%-pruned CNN,
-accuracy went from 19% right after pruning to 91% with re-estimated statistics alone (FACTS.md).
+accuracy went from 19% right after pruning to 91% with re-estimated statistics alone (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,56 +17,19 @@ from torch import nn
 
 from app.recipes import ChannelPruneSpec
 from worker.engine import metrics
-from worker.engine.datasets import Dataset, arrange
+from worker.engine.datasets import Dataset
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, first_tensor, get_format
+from worker.engine.formats import get_format
+from worker.engine.formats.base import LoadedModel, first_tensor
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
 from worker.engine.passes.heads import remove_heads
+from worker.engine.shared.batchnorm import BN_TYPES, recalibrate_bn
+from worker.engine.shared.data import batches, classification_loss, data_source, dataset_arrays
+from worker.engine.shared.selection import eager_module
 
 # Layers torch-pruning can remove output channels/features from.
 _ROOT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-_BN_TYPES = nn.modules.batchnorm._BatchNorm
 _TAYLOR_SAMPLES = 512
-_BN_BATCH = 64
-
-
-def eager_module(model: LoadedModel, what: str) -> nn.Module:
-    """The model's nn.Module, or EngineError("unsupported") for graph formats (pt2, ONNX)."""
-    if model.format not in ("package", "hf") or not isinstance(model.handle, nn.Module):
-        raise EngineError("unsupported", f"{what} needs an eager model (a model package or a Hugging Face folder), "
-                                         f"not {model.format}")
-    return model.handle
-
-
-def data_source(ctx: StepContext, preferred: str) -> tuple[Dataset | None, str | None]:
-    """The step's dataset, else another one of the job's (eval last: statistics estimated on the data that
-    measures accuracy flatter it). The report names the one used."""
-    for name in (preferred, "train", "calibration", "eval"):
-        if ctx.datasets.get(name) is not None:
-            return ctx.datasets[name], name
-    return None, None
-
-
-def dataset_arrays(model: LoadedModel, data: Dataset) -> list[np.ndarray]:
-    return arrange(data, get_format(model.format).input_specs(model))
-
-
-def batches(arrays: list[np.ndarray], size: int, limit: int | None = None):
-    n = arrays[0].shape[0] if limit is None else min(limit, arrays[0].shape[0])
-    for start in range(0, n, size):
-        yield start, [torch.from_numpy(np.ascontiguousarray(a[start:min(start + size, n)])) for a in arrays]
-
-
-def classification_loss(out: torch.Tensor, y: torch.Tensor, index: int, what: str,
-                        reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of class scores (N, classes) against integer labels, or EngineError("bad_dataset")."""
-    if out.ndim != 2:
-        raise EngineError("bad_dataset", f"steps[{index}]: {what} needs class scores (N, classes) as the model "
-                                         f"output, got shape {tuple(out.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
-        raise EngineError("bad_dataset", f"steps[{index}]: labels must be class ids in [0, {out.shape[1]}), got "
-                                         f"[{int(y.min())}, {int(y.max())}]")
-    return nn.functional.cross_entropy(out, y, reduction=reduction)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -104,33 +67,6 @@ def _output_layers(net: nn.Module, args: list[torch.Tensor]) -> list[nn.Module]:
     return [ran[-1][0]] if ran else []
 
 
-def recalibrate_bn(net: nn.Module, arrays: list[np.ndarray], batch_size: int = _BN_BATCH) -> int:
-    """Re-estimate batch-norm running statistics over `arrays`; returns the number of BN layers reset.
-
-    Cumulative averages (momentum=None) over one pass; only the BN layers run in train mode (dropout and
-    the like stay in eval), no gradients.
-    """
-    bns = [m for m in net.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
-    if not bns:
-        return 0
-    momenta = [bn.momentum for bn in bns]
-    net.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    try:
-        with torch.no_grad():
-            for _, args in batches(arrays, batch_size):
-                if args[0].shape[0] > 1:  # BN in train mode refuses a batch of one
-                    net(*args)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        net.eval()
-    return len(bns)
-
-
 def _layer_shapes(net: nn.Module) -> dict[str, list[int]]:
     return {name: list(m.weight.shape) for name, m in net.named_modules()
             if isinstance(m, _ROOT_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -145,7 +81,7 @@ class ChannelPrune(Pass):
     def apply(self, model: LoadedModel, spec: ChannelPruneSpec, ctx: StepContext) -> StepReport:
         net = eager_module(model, "channel pruning")
         fmt = get_format(model.format)
-        data, data_name = data_source(ctx, spec.dataset)
+        data, data_name = data_source(ctx.datasets, spec.dataset)
         arrays = dataset_arrays(model, data) if data is not None else None
         examples = [a[:2] for a in arrays] if arrays else fmt.example_inputs(model)
         if not examples:
@@ -175,7 +111,7 @@ class ChannelPrune(Pass):
             if arrays is not None:
                 ctx.progress(0.7, "re-estimating batch-norm statistics")
                 bn_layers = recalibrate_bn(net, arrays)
-            elif any(isinstance(m, _BN_TYPES) for m in net.modules()):
+            elif any(isinstance(m, BN_TYPES) for m in net.modules()):
                 notes.append("batch-norm statistics not re-estimated: no dataset (give a calibration dataset)")
 
         params_after = _param_count(net)

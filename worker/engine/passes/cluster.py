@@ -16,8 +16,9 @@ from app.recipes import ClusterSpec
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
-from worker.engine.passes.channel import data_source, dataset_arrays, recalibrate_bn
-from worker.engine.passes.prune import selected_weights
+from worker.engine.shared.batchnorm import recalibrate_bn
+from worker.engine.shared.data import data_source, dataset_arrays
+from worker.engine.shared.selection import selected_weights
 
 SEED = 0
 MAX_FIT_SAMPLES = 65_536  # k-means is fitted on a sample this big at most; every weight is then assigned
@@ -119,14 +120,14 @@ class KMeansCluster(Pass):
                 "batch-norm statistics are re-estimated only for model packages"
         if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
             return 0, None
-        data, name = data_source(ctx, spec.dataset)
+        data, name = data_source(ctx.datasets, spec.dataset)
         if data is None:
             return 0, "batch-norm statistics not re-estimated: no dataset (give a calibration dataset)"
         ctx.progress(0.95, f"re-estimating batch-norm statistics on the {name} dataset")
         return recalibrate_bn(net, dataset_arrays(model, data)), None
 
     def apply(self, model: LoadedModel, spec: ClusterSpec, ctx: StepContext) -> StepReport:
-        eligible, refs = selected_weights(model, spec, ctx)
+        eligible, refs = selected_weights(model, spec, ctx.index)
         rng = np.random.default_rng(SEED)
         layers, changed_layers, total = [], 0, 0
         for i, ref in enumerate(refs):

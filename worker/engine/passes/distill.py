@@ -9,7 +9,7 @@ its outputs over the training set are computed once on its own runtime (ONNX Run
 teacher costs one pass, not one per epoch. Feature matching needs the teacher's layers, so it needs a torch
 teacher (package, Hugging Face folder or .pt2) and runs it per batch.
 
-Measured here (FACTS.md): KD (T=4, alpha=0.7) on the 50%-channel-pruned ResNet recovers to 99.7% in 3 epochs;
+Measured here (bench/RESULTS.md): KD (T=4, alpha=0.7) on the 50%-channel-pruned ResNet recovers to 99.7% in 3 epochs;
 label-free (alpha=1) too.
 """
 
@@ -26,10 +26,11 @@ from app.recipes import DistillSpec
 from worker.engine import metrics
 from worker.engine.datasets import arrange
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, first_tensor, get_format
+from worker.engine.formats import get_format
+from worker.engine.formats.base import LoadedModel, first_tensor
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
-from worker.engine.passes.channel import classification_loss, dataset_arrays
-from worker.engine.training import predict, set_training, trainable_module, train
+from worker.engine.shared.data import classification_loss, dataset_arrays
+from worker.engine.shared.training import predict, set_training, trainable_module, train
 
 _TORCH_TEACHERS = ("package", "hf", "pt2")
 
@@ -88,6 +89,20 @@ class _Features:
             h.remove()
 
 
+def _check_scores(net: nn.Module, arrays: list[np.ndarray], soft: np.ndarray, index: int) -> None:
+    """The student scores classes (N, classes), and the same classes as the teacher's outputs `soft`."""
+    set_training(net, False)
+    with torch.no_grad():
+        probe = first_tensor(net(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in arrays]))
+    if probe.ndim != 2:
+        raise EngineError("bad_dataset", f"steps[{index}]: distillation needs class scores (N, classes) as "
+                                         f"the model output, got shape {tuple(probe.shape)}")
+    if soft.ndim != 2 or soft.shape[1] != probe.shape[1]:
+        raise EngineError("bad_teacher", f"steps[{index}]: the teacher's output has shape "
+                                         f"{tuple(soft.shape[1:])} per sample, the student's {tuple(probe.shape[1:])}"
+                                         ": they must score the same classes")
+
+
 @register(DistillSpec)
 class Distill(Pass):
     def apply(self, model: LoadedModel, spec: DistillSpec, ctx: StepContext) -> StepReport:
@@ -104,16 +119,7 @@ class Distill(Pass):
         teacher = load_teacher(ctx, spec.teacher)
         ctx.progress(0.0, f"running the teacher ({spec.teacher}, {teacher.format}) over {data.size} samples")
         soft = teacher_outputs(ctx, teacher, data)
-        set_training(net, False)
-        with torch.no_grad():
-            probe = first_tensor(net(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in arrays]))
-        if probe.ndim != 2:
-            raise EngineError("bad_dataset", f"steps[{ctx.index}]: distillation needs class scores (N, classes) as "
-                                             f"the model output, got shape {tuple(probe.shape)}")
-        if soft.ndim != 2 or soft.shape[1] != probe.shape[1]:
-            raise EngineError("bad_teacher", f"steps[{ctx.index}]: the teacher's output has shape "
-                                             f"{tuple(soft.shape[1:])} per sample, the student's {tuple(probe.shape[1:])}"
-                                             ": they must score the same classes")
+        _check_scores(net, arrays, soft, ctx.index)
         device = ctx.device
         soft_t = torch.from_numpy(soft).to(device)
         true_labels = torch.from_numpy(data.labels.astype(np.int64)).to(device) if data.labels is not None else None

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of eager modules (cross-entropy on a labelled dataset), keeping pruned weights at zero.
 
-Measured here (FACTS.md): 2 epochs bring a 50%-channel-pruned CNN back to 99.4%, 3 epochs keep a CNN at
+Measured here (bench/RESULTS.md): 2 epochs bring a 50%-channel-pruned CNN back to 99.4%, 3 epochs keep a CNN at
 99.7% with 80-90% unstructured sparsity as long as the mask is re-applied after every optimizer step.
 """
 
@@ -14,8 +14,8 @@ from app.recipes import FinetuneSpec
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
-from worker.engine.passes.channel import classification_loss, dataset_arrays
-from worker.engine.training import predict, trainable_module, train
+from worker.engine.shared.data import classification_loss, dataset_arrays
+from worker.engine.shared.training import predict, trainable_module, train
 
 
 def labelled_accuracy(arrays: list[np.ndarray], labels: np.ndarray, device: str):

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from app.recipes import PruneSpec, StepSpec
+from app.recipes import PruneSpec
 from worker.engine.errors import EngineError
-from worker.engine.formats.base import LoadedModel, WeightRef, get_format
+from worker.engine.formats.base import LoadedModel, WeightRef
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
-
-
-def select(refs: list[WeightRef], spec: StepSpec) -> list[WeightRef]:
-    """The refs the step's targets/ignore patterns select."""
-    return [r for r in refs if spec.selects(r.name)]
+from worker.engine.shared.selection import selected_weights
 
 
 def smallest_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -230,20 +226,10 @@ def _prune_nm(model: LoadedModel, spec: PruneSpec, ctx: StepContext, eligible: l
     }
 
 
-def selected_weights(model: LoadedModel, spec: StepSpec, ctx: StepContext) -> tuple[list, list]:
-    """(eligible weights, those the step's targets/ignore select), or no_effect when the selection is empty."""
-    eligible = get_format(model.format).eligible_weights(model)
-    refs = select(eligible, spec)
-    if not refs:
-        raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
-                                       f"ignore={spec.ignore}; eligible: {[r.name for r in eligible][:50]}")
-    return eligible, refs
-
-
 @register(PruneSpec)
 class MagnitudePrune(Pass):
     def apply(self, model: LoadedModel, spec: PruneSpec, ctx: StepContext) -> StepReport:
-        eligible, refs = selected_weights(model, spec, ctx)
+        eligible, refs = selected_weights(model, spec, ctx.index)
         if spec.pattern != "unstructured":
             return _prune_nm(model, spec, ctx, eligible, refs)
         weights = [r.read() for r in refs]

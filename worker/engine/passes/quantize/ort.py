@@ -1,6 +1,6 @@
 """ONNX Runtime quantization of an ONNX graph: static (QDQ, uint8 activations, int8 weights) and dynamic int8.
 
-Static QDQ with uint8 activations and int8 per-channel weights is the form measured fast on x86 CPUs (FACTS.md:
+Static QDQ with uint8 activations and int8 per-channel weights is the form measured fast on x86 CPUs (bench/RESULTS.md:
 CNN 2.7x, ResNet 2.8x faster than fp32 at batch 64); int8 activations gave no speed-up. Dynamic int8 quantizes
 MatMul/Gather/LSTM/Attention: convolutions stay float, because ORT's ConvInteger is slower than a float conv.
 Both quantize weights to 7 bits instead of 8 on an x86 CPU without VNNI, where ORT's int8 kernels would saturate
@@ -517,7 +517,7 @@ def _faster_of(reference: onnx.ModelProto, kept: onnx.ModelProto, quantized: onn
     at the job's threads and batch, with its agreement (else cosine similarity) with the float `reference` on the
     calibration samples no more than FIRST_LAYER_MAX_AGREEMENT_LOSS worse. Returns it and the figures."""
     from worker.engine import metrics
-    from worker.engine.formats.base import LoadedModel, get_format
+    from worker.engine.formats import LoadedModel, get_format
 
     # The quantizer's calibration sessions may still hold their (spinning) threads until collected.
     gc.collect()
@@ -562,7 +562,7 @@ def quantize_dynamic(proto: onnx.ModelProto, *, per_channel: bool, exclude: list
     op_types = ["MatMul", "Gather", "LSTM", "Attention"] + ([] if keep_norm else ["EmbedLayerNormalization"])
     if any(n.op_type == "Conv" for n in proto.graph.node):
         notes.append("dynamic_int8 leaves convolutions float: ONNX Runtime's ConvInteger is slower than a float "
-                     "conv (FACTS.md); use static_int8 for convolutional models")
+                     "conv (bench/RESULTS.md); use static_int8 for convolutional models")
     src = workdir / "quantize-fp32.onnx"
     onnx.save(proto, str(src))
     out = workdir / "quantize-int8.onnx"

@@ -1,7 +1,7 @@
 """PT2E static int8 for .pt2 output: torchao's prepare_pt2e / convert_pt2e with the X86 inductor quantizer.
 
 The converted graph computes with dequantize(int8 weight) patterns that inductor (torch.compile with freezing)
-lowers to int8 kernels; run eagerly it is slower than fp32 (FACTS.md). convert_pt2e leaves the fp32 weights
+lowers to int8 kernels; run eagerly it is slower than fp32 (bench/RESULTS.md). convert_pt2e leaves the fp32 weights
 registered though unused, so they are deleted before the program is exported again: otherwise the .pt2 is
 larger than the fp32 one.
 """
