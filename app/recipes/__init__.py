@@ -8,6 +8,7 @@ worker/engine/passes. The names below are the package's API (the worker imports 
 from app.recipes.checks import (
                                  QUANTIZE_OUTPUTS,
                                  check_against_format,
+                                 compact_default_outputs,
                                  quantize_default_outputs,
                                  teacher_model_ids,
 )
@@ -46,6 +47,6 @@ __all__ = [
     "NATIVE_RUNTIME", "OUTPUTS_BY_INPUT", "PRESETS", "QUANTIZE_OUTPUTS", "RUNTIMES_BY_FORMAT", "STEP_SPECS",
     "TRAINING_STEPS", "ChannelPruneSpec", "ClusterSpec", "DistillSpec", "EvaluateSpec", "FinetuneSpec", "GuardSpec",
     "ModelFormat", "Objective", "OutputFormat", "PruneSpec", "QuantizeSpec", "Recipe", "RecipeError", "Runtime", "Step",
-    "StepSpec", "TrainingSpec", "WeightedObjective", "check_against_format", "field_path", "parse_recipe",
-    "quantize_default_outputs", "teacher_model_ids",
+    "StepSpec", "TrainingSpec", "WeightedObjective", "check_against_format", "compact_default_outputs", "field_path",
+    "parse_recipe", "quantize_default_outputs", "teacher_model_ids",
 ]

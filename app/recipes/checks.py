@@ -15,6 +15,8 @@ from app.recipes.steps import (
     TRAINABLE,
     TRAINABLE_FORMATS,
     ChannelPruneSpec,
+    ClusterSpec,
+    PruneSpec,
     QuantizeSpec,
 )
 
@@ -47,6 +49,17 @@ def quantize_default_outputs(recipe: Recipe, model_format: str) -> list[str] | N
         return ["safetensors"]  # the packed sign bits: any other form stores the decoded float weights
     possible = QUANTIZE_OUTPUTS[step.method].get(model_format, ())
     return [model_format] if model_format in possible else ["onnx"]
+
+
+def compact_default_outputs(recipe: Recipe, model_format: str) -> list[str] | None:
+    """The outputs an unstructured prune or cluster step implies when the recipe names none: the input's own
+    format and the compact safetensors (zeros and shared weights only shrink the file when stored compactly),
+    else None."""
+    if recipe.outputs or any(isinstance(s, (QuantizeSpec, *CHANGES_ARCHITECTURE)) for s in recipe.steps):
+        return None
+    if any(isinstance(s, (PruneSpec, ClusterSpec)) for s in recipe.steps):
+        return [model_format, "safetensors"]
+    return None
 
 
 def _quantize_errors(recipe: Recipe, model_format: str, outputs: list[str]) -> list[dict[str, str]]:
@@ -83,6 +96,7 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
     # After a structural change the input's own form no longer fits: default to graph formats.
     graph_outputs = (reshaped and model_format == "package") or (head_pruned and model_format == "hf")
     outputs = list(recipe.outputs or quantize_default_outputs(recipe, model_format)
+                   or compact_default_outputs(recipe, model_format)
                    or (["pt2", "onnx"] if graph_outputs else [model_format]))
     errors = [
         {"field": f"steps[{i}]", "message": f"{EAGER_ONLY[type(step)]} needs an eager model: upload a model package "

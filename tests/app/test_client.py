@@ -204,7 +204,7 @@ def test_recipes_keys_health_sweeps_compare(api, sq, onnx_file):
     assert "prune-50" in [p["name"] for p in sq.presets()]
     assert "steps" in sq.recipe_schema()["properties"]
     ok = sq.validate_recipe("prune-50", model_format="pt2")
-    assert ok.valid and ok.outputs == ["pt2"]
+    assert ok.valid and ok.outputs == ["pt2", "safetensors"]
     bad = sq.validate_recipe({"steps": [], "x": 1})
     assert not bad.valid and {e["field"] for e in bad.errors} == {"recipe.steps", "recipe.x"}
     assert sq.health() == {"status": "ok"} and sq.ready()["status"] == "ok"

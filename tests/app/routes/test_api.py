@@ -206,10 +206,12 @@ def test_a_deleted_dataset_stays_stored_until_its_last_job_is_deleted(api):
 
 def test_recipes_help_and_health(api):
     presets = api.get("/v1/recipes/presets").json()["data"]
-    assert "prune-50" in [p["name"] for p in presets]
+    prune = next(p for p in presets if p["name"] == "prune-50")
+    assert prune["gives"]["smaller_file"] and not prune["gives"]["faster"]
+    assert all(set(p["gives"]) == {"smaller_file", "faster", "formats", "note"} for p in presets)
     assert "steps" in api.get("/v1/recipes/schema").json()["properties"]
     ok = api.post("/v1/recipes/validate", json={"recipe": "prune-50", "model_format": "pt2"}).json()
-    assert ok["valid"] and ok["outputs"] == ["pt2"]
+    assert ok["valid"] and ok["outputs"] == ["pt2", "safetensors"]  # the compact storage is the smaller file
     bad = api.post("/v1/recipes/validate", json={"recipe": {"steps": [], "x": 1}}).json()
     assert not bad["valid"] and {e["field"] for e in bad["errors"]} == {"recipe.steps", "recipe.x"}
     assert api.get("/healthz").json() == {"status": "ok"}
