@@ -71,6 +71,27 @@ def new_team_key(client, team: str) -> str:
     return r.json()["key"]
 
 
+# The fast lane (`make test-fast`, under 3 minutes) leaves out what starts real servers, workers, sandboxes or
+# browsers, the engine suites that train or quantize real models, the API fuzz campaign and the PostgreSQL half
+# of the in-process tests (the SQLite half runs); `make test` (CI) runs everything.
+SLOW_FIXTURES = {"stack_factory"}
+SLOW_MODULES = {"test_isolation.py", "test_cgroups.py", "test_dashboard.py", "test_api_docs.py", "test_fuzz.py",
+                "test_client_package.py", "test_readme_quickstart.py", "test_walkthrough.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts real services, sandboxes or browsers (not in make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (path.name in SLOW_MODULES or path.name.startswith("test_e2e") or "engine" in path.parts
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("backend_name") == "postgres"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keeps each phase's report on the test item, for fixtures that add diagnostics to a failure."""
