@@ -114,13 +114,3 @@ def test_shared_helpers_import_no_pass():
     assert "worker.engine.shared.data" in shared
     reaching = {n: sorted(m for m in _imported(MODULES[n]) if m.startswith("worker.engine.passes")) for n in shared}
     assert all(not m for m in reaching.values()), reaching
-
-
-def test_no_function_in_worker_over_80_lines():
-    long = []
-    for path in Path(ROOT, "worker").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
-                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
-                            f"({node.end_lineno - node.lineno + 1} lines)")
-    assert long == []
