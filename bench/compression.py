@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from app.recipes import PRESETS
-from tests import modelzoo
-from tests.stack import Stack, make_backend, wait_for
+from testing import modelzoo
+from testing.stack import Stack, make_backend, wait_for
 
 FINETUNE_3 = {"type": "finetune", "dataset": "train", "epochs": 3, "lr": 1e-3, "batch_size": 64}
 INT8 = {"type": "quantize", "method": "static_int8", "dataset": "calibration"}

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from tests.stack import Stack, make_backend, wait_for
+from testing.stack import Stack, make_backend, wait_for
 
 MiB, GiB = 1024**2, 1024**3
 WIDTH = 4096  # Linear(4096, 4096): 64 MiB of fp32 weights per layer

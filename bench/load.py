@@ -29,8 +29,8 @@ import httpx
 import numpy as np
 import psutil
 
-from tests import modelzoo
-from tests.stack import ROOT, Stack, make_backend
+from testing import modelzoo
+from testing.stack import ROOT, Stack, make_backend
 
 TERMINAL = ("succeeded", "failed", "canceled")
 JOB_RECIPE = "prune-50"  # preset: global magnitude pruning to 50%, evaluated on the eval dataset
@@ -434,9 +434,9 @@ def bench_load(workdir: Path, clients: int = 20, seconds: float | None = None, t
         stack.start_api()
         for _ in range(workers):
             stack.start_worker(concurrency=1)
-        from bench.scale import _wait_ready
+        from testing.fleet import wait_ready
 
-        _wait_ready(stack, workers)
+        wait_ready(stack, workers)
         team_rows = []
         for t in range(teams):
             r = stack.admin.post("/v1/keys", json={"team": f"load{t}", "name": "load"})

@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 import numpy as np
 import psutil
 
-from tests import modelzoo
-from tests.stack import Stack, make_backend, wait_for
+from testing import modelzoo
+from testing.stack import Stack, make_backend, wait_for
 
 MiB = 1024 * 1024
 FAST = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_SANDBOX_THREADS": "1"}

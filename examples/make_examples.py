@@ -9,7 +9,7 @@ mlp.pt2   a 64 -> 128 -> 64 -> 10 ReLU MLP trained on sklearn's digits (8x8 imag
           (an example of 2 rows: torch specialises a batch of 1 to a constant)
 eval.npz  the 360 held-out digits: `x` (360, 64) float32 and `labels` (360,) int64
 
-Deterministic (the test model zoo's fixed seeds, tests/modelzoo.py); needs torch and scikit-learn (both in the venv
+Deterministic (the test model zoo's fixed seeds, testing/modelzoo.py); needs torch and scikit-learn (both in the venv
 `make install` makes). Prints one line per file written and nothing else.
 """
 
@@ -19,9 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.modelzoo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: testing.modelzoo
 
-from tests import modelzoo  # noqa: E402
+from testing import modelzoo  # noqa: E402
 
 
 def main(folder: Path) -> None:

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from tests.stack import ADMIN_KEY, ROOT, SETTINGS_ENV, Backend, ServiceUnavailable, Stack, backend_env, reset_caches
-from tests.stack import make_backend as _make_backend
+from testing.stack import ADMIN_KEY, ROOT, SETTINGS_ENV, Backend, ServiceUnavailable, Stack, backend_env, reset_caches
+from testing.stack import make_backend as _make_backend
 
 __all__ = ["ADMIN_KEY", "ROOT", "new_team_key"]
 REQUIRE_SERVICES = os.environ.get("SQUEEZE_TEST_REQUIRE_SERVICES") == "1"

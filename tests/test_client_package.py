@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import ROOT
+from testing.stack import ROOT
 from tests.test_e2e_cli import live_stack_and_files
 
 CLIENT_NEEDS = {"squeeze-client", "httpx", "typer", "rich", "pydantic", "pyyaml"}

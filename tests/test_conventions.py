@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 
 def test_api_starts_without_torch_or_worker():

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import REQUIRE_SERVICES, new_team_key
-from tests.stack import ROOT, wait_for
+from testing.stack import ROOT, wait_for
 from tests.test_e2e import FAST_REAPER, SLOW_MLP_SOURCE, upload
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import ADMIN_KEY, new_team_key
-from tests.stack import wait_for
+from testing.stack import wait_for
 from worker import cgroups
 
 FAST_REAPER = {"SQUEEZE_HEARTBEAT_INTERVAL_S": "0.5", "SQUEEZE_HEARTBEAT_TIMEOUT_S": "4",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
-from tests.stack import ROOT, free_port
+from testing.stack import ROOT, free_port
 from tests.test_e2e import FAST_REAPER
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")

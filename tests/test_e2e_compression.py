@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
-from tests.stack import wait_for
+from testing.stack import wait_for
 from tests.test_e2e import FAST_REAPER, upload
 
 

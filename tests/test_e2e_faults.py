@@ -26,9 +26,9 @@ import numpy as np
 import psutil
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import REQUIRE_SERVICES, new_team_key
-from tests.stack import PrivatePostgres, PrivateRedis, ServiceUnavailable, Stack, make_backend, wait_for
+from testing.stack import PrivatePostgres, PrivateRedis, ServiceUnavailable, Stack, make_backend, wait_for
 
 # A 4 s heartbeat timeout (tests/test_e2e.py's FAST_REAPER) requeues live jobs when 20 of them load two cores;
 # 10 s does not, and still reaps a killed worker's jobs within a test's patience.

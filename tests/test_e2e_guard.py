@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from app.report_schema import validate_report
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
-from tests.stack import wait_for
+from testing.stack import wait_for
 from tests.test_e2e import FAST_REAPER, upload
 
 

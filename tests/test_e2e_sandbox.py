@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
-from tests.stack import wait_for
+from testing.stack import wait_for
 from tests.test_e2e import FAST_REAPER, digits_files, upload  # noqa: F401 - the fixture is shared
 from tests.worker.test_isolation import FORK_LOOP
 from worker import uid_slots

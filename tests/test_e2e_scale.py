@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale import SMALL_JOB, fleet_stack, run_fleet
-from tests import modelzoo
+from testing.fleet import SMALL_JOB, fleet_stack, run_fleet
+from testing import modelzoo
 from tests.conftest import make_backend, new_team_key
-from tests.s3 import s3_server  # noqa: F401  (fixture)
-from tests.stack import wait_for
+from testing.s3 import s3_server  # noqa: F401  (fixture)
+from testing.stack import wait_for
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import io
 import json
 import time
 
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
 from tests.test_e2e import upload
 

@@ -11,11 +11,11 @@ import time
 import pytest
 
 from squeeze_client import verify_webhook  # the client package's helper, as a receiver would use it
-from tests import modelzoo
+from testing import modelzoo
 from tests.conftest import new_team_key
-from tests.stack import wait_for
+from testing.stack import wait_for
 from tests.test_e2e import FAST_REAPER, upload
-from tests.webhook_receiver import Receiver
+from testing.webhook_receiver import Receiver
 
 JOB_SECRET = "whsec_" + "c3F1ZWV6ZS13ZWJob29rLXRlc3Qtc2VjcmV0"
 WEBHOOK_ENV = {"SQUEEZE_WEBHOOK_ALLOWLIST": "127.0.0.1", "SQUEEZE_WEBHOOK_RETRY_BASE_S": "0.5",

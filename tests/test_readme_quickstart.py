@@ -13,7 +13,7 @@ import subprocess
 
 import httpx
 
-from tests.stack import ROOT
+from testing.stack import ROOT
 from tests.test_e2e import FAST_REAPER
 
 MARKER = "<!-- quickstart:"

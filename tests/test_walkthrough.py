@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from tests.stack import ADMIN_KEY, ROOT
+from testing.stack import ADMIN_KEY, ROOT
 from tests.test_e2e import FAST_REAPER
 
 SCRIPT = ROOT / "examples" / "walkthrough.sh"

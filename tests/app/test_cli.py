@@ -17,7 +17,7 @@ from squeeze_client import FileOut, JobOut
 from squeeze_client.cli.common import num, signed
 from squeeze_client.cli.summary import print_results, reasons
 from squeeze_client.cli.tables import file_table, jobs_table
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 NOW = datetime(2026, 12, 3, 13, 56, tzinfo=timezone.utc)
 

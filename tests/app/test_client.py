@@ -230,7 +230,7 @@ def test_client_and_cli_import_nothing_of_the_server():
     import subprocess
     import sys
 
-    from tests.stack import ROOT
+    from testing.stack import ROOT
 
     code = ("import sys, squeeze_client, squeeze_client.cli; "
             "server = ('app', 'worker', 'torch', 'onnx', 'onnxruntime', 'fastapi', 'sqlalchemy', 'psycopg', 'celery', "

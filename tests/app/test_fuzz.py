@@ -24,7 +24,7 @@ CASES = {"count": 0}
 @pytest.fixture(scope="module")
 def fuzz_env(tmp_path_factory):
     """A fresh SQLite database and blob folder, an admin key, and the app; settings restored afterwards."""
-    from tests.stack import SETTINGS_ENV, backend_env, make_backend, reset_caches
+    from testing.stack import SETTINGS_ENV, backend_env, make_backend, reset_caches
 
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     backend = make_backend("sqlite", data_dir)

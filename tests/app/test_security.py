@@ -160,7 +160,7 @@ def _restart(configured, **settings):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from tests.stack import reset_caches
+    from testing.stack import reset_caches
 
     reset_caches()
     from app.core.config import get_settings

@@ -13,8 +13,8 @@ from app.blobs.store import S3Store, make_store
 from app.core.config import Settings
 from tests.app.routes.test_api import npz_bytes
 from tests.conftest import ADMIN_KEY
-from tests.s3 import s3_server  # noqa: F401  (fixture)
-from tests.stack import reset_caches
+from testing.s3 import s3_server  # noqa: F401  (fixture)
+from testing.stack import reset_caches
 
 MiB = 1024 * 1024
 

@@ -12,7 +12,7 @@ from app.core.db import new_id, session_scope, utcnow
 from app.core.tables import Job, Model, WebhookDelivery
 from app.webhooks import delivery, targets
 from app.webhooks.signing import verify_webhook
-from tests.webhook_receiver import Receiver
+from testing.webhook_receiver import Receiver
 
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.recipes import ChannelPruneSpec, FinetuneSpec, PruneSpec
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.conftest import eligible_sparsity
 from tests.worker.engine.test_sandbox import final, make_job, run_sandbox
 from worker.engine import metrics

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from app.recipes import DistillSpec, parse_recipe
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.test_channel_finetune import PKG, apply, datasets, hold_out, packages, pruned  # noqa: F401
 from tests.worker.engine.test_channel_finetune import resnet  # noqa: F401  (fixture used by packages)
 from tests.worker.engine.test_sandbox import final, make_job, run_sandbox

@@ -11,7 +11,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from app.recipes import STEP_SPECS, PruneSpec, Recipe
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.conftest import eligible_sparsity, onnx_predict
 from worker.engine import metrics
 from worker.engine.datasets import Dataset, arrange, load_dataset

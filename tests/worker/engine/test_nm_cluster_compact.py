@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from app.recipes import ClusterSpec, PruneSpec, Recipe
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.test_sandbox import final, make_job, run_sandbox
 from worker.engine import metrics
 from worker.engine.compact import load_compact, read_manifest, restore_into, write_compact, write_model

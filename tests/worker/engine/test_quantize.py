@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.conftest import onnx_predict
 from tests.worker.engine.test_sandbox import final, run_sandbox
 

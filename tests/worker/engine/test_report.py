@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from app.recipes import GuardSpec
 from app.report_schema import validate_report
 from app.reports import check_guard, guard_message, headline, objective_score, pareto_front
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.test_sandbox import final, make_job, run_sandbox
 
 BENCH_REPORTS = Path(__file__).resolve().parents[3] / "bench" / "results" / "reports"

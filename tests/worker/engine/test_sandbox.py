@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import modelzoo as mz
+from testing import modelzoo as mz
 from tests.worker.engine.conftest import eligible_sparsity, onnx_predict
 
 REPO = Path(__file__).resolve().parents[3]

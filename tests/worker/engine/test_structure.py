@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 ENGINE = Path(ROOT, "worker", "engine")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.stack import free_port
+from testing.stack import free_port
 
 @dataclass
 class S3Server:
