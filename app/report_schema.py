@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPORT_SCHEMA_VERSION = 1
 Number = int | float
@@ -97,12 +97,28 @@ class Run(_Open):
 
 
 class Metrics(_Open):
+    """Also, in reports written since issue 17 (absent before, so not declared: an older report dumps unchanged):
+    `flag_reasons` ({flag: one-line reason}, worker/engine/job/flags.py) and `size_ratio_output` (the output the
+    headline `ratios.size` is of: the smallest the job wrote); checked by `_newer_fields`."""
+
     original: Side
     compressed: Result
     ratios: Ratios
     layers: list[Layer]
-    flags: list[Literal["no_size_reduction", "no_speedup"]]
+    flags: list[Literal["no_size_reduction", "no_speedup", "calibrated_on_eval"]]
     run: Run
+
+    @model_validator(mode="after")
+    def _newer_fields(self) -> "Metrics":
+        extra = self.model_extra or {}
+        if "flag_reasons" in extra:
+            reasons = extra["flag_reasons"]
+            if not isinstance(reasons, dict) or set(reasons) != set(self.flags) \
+                    or not all(isinstance(v, str) and v for v in reasons.values()):
+                raise ValueError("flag_reasons must give each flag (and only those) a one-line reason")
+        if not isinstance(extra.get("size_ratio_output", ""), str):
+            raise ValueError("size_ratio_output must name an output format")
+        return self
 
 
 class StepReport(_Open):

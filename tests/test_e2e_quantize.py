@@ -57,3 +57,38 @@ def test_int8_preset_through_http(stack_factory, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: modelzoo.as_images(x_test)})[0]
     assert abs(float((out.argmax(1) == y_test).mean()) - m["compressed"]["accuracy"]) < 1e-6
+
+
+def test_int8_preset_on_a_batch_1_pt2_through_http(stack_factory, tmp_path):
+    """A .pt2 exported with a batch-1 example (its batch fixed at 1), the int8 preset and only an eval dataset:
+    calibrated batch by batch at the model's batch, timed at the batch it accepts, the skipped batch sizes and the
+    eval-set calibration said in the report; every step_done and succeeded event has a message."""
+    import numpy as np
+    import torch
+
+    _, _, x_test, y_test = modelzoo.digits_split()
+    images = modelzoo.as_images(x_test)
+    program = torch.export.export(modelzoo.train_cnn(epochs=2).eval(), (torch.from_numpy(images[:1]),))
+    torch.export.save(program, str(tmp_path / "b1.pt2"))
+    stack = stack_factory("sqlite", **FAST_REAPER)
+    stack.start_api()
+    stack.start_worker(concurrency=1)
+    client = stack.client(new_team_key(stack.admin, "quant1"))
+    model = upload(client, "models", tmp_path / "b1.pt2")
+    eval_ds = upload(client, "datasets", modelzoo.write_npz(tmp_path / "eval.npz", images, y_test))
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": "int8",
+                                        "datasets": {"eval": eval_ds["id"]}}).json()
+    job = wait_for(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["ratios"]["size"] >= 3.0 and m["size_ratio_output"] == "onnx"
+    assert set(m["compressed"]["latency_ms"]["onnxruntime"]) == {"1"}  # batch 32 skipped: the model takes 1
+    assert "calibrated_on_eval" in m["flags"] and "calibration dataset" in m["flag_reasons"]["calibrated_on_eval"]
+    assert set(m["flags"]) == set(m["flag_reasons"])
+    report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    skipped = [n for n in report["notes"] if "batch 32 skipped" in n]
+    assert skipped and all('torch.export.Dim("batch")' in n for n in skipped), report["notes"]
+    assert np.isfinite(m["compressed"]["agreement"]) and m["compressed"]["agreement"] >= 0.95
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    done = [e for e in events if e["type"] in ("step_done", "succeeded")]
+    assert [e["type"] for e in done] == ["step_done", "succeeded"] and all(e["message"] for e in done), done

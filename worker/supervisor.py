@@ -256,9 +256,10 @@ class _Stream:
             self.stage = new_stage
         elif kind == "event":
             data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
-            message = msg.get("message")
-            self._event(events, str(msg.get("name") or "event")[:40],
-                        str(message)[:2000] if message is not None else None, data)
+            name, message = str(msg.get("name") or "event")[:40], msg.get("message")
+            if message is None and name == "step_done":  # never a null message for a finished step
+                message = f"step {data.get('index', '?')} ({data.get('type') or 'step'}) done"
+            self._event(events, name, str(message)[:2000] if message is not None else None, data)
         elif kind == "result":
             self.result = msg
         elif kind == "error":

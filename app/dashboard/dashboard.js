@@ -141,7 +141,10 @@ function metricsCards(m) {
 }
 
 function metricsSection(m) {
-  const flags = (m.flags || []).length ? html`<p>${m.flags.map((f) => html`<span class="flag">${f}</span>`)}</p>` : "";
+  // Each flag with its one-line reason (report.json's flag_reasons; older jobs have none).
+  const reasons = m.flag_reasons || {};
+  const flags = (m.flags || []).length ? html`<ul class="flags">${m.flags.map((f) => html`<li><span class="flag">${f}</span>
+    ${reasons[f] || ""}</li>`)}</ul>` : "";
   const guard = m.guard ? html`<h3>Guard: ${m.guard.passed ? "passed" : "missed"}</h3><table><tr><th>bound</th>
     <th>limit</th><th>measured</th><th>passed</th></tr>${(m.guard.checks || []).map((c) => html`<tr><td>${c.bound}</td>
     <td class="num">${c.limit}</td><td class="num">${c.measured ?? "not measured"}</td>

@@ -195,7 +195,7 @@ def finish(db: Session, job_id: str, lease: str, outcome: Outcome, store: BlobSt
     if final in ("succeeded", "failed"):  # a failed job may still have results (guard_failed keeps its artifacts)
         for a in outcome.artifacts:
             db.add(Artifact(id=new_id("art"), job_id=job_id, **a))
-    message = outcome.error_message if final == "failed" else None
+    message = outcome.error_message if final == "failed" else "succeeded" if final == "succeeded" else None
     add_event(db, job_id, final, message, {"error_code": outcome.error_code} if final == "failed" else {})
     delivery.enqueue(db, job_id, "completed")
     db.commit()

@@ -64,13 +64,19 @@ def _prepare(run: Runner, x: list[np.ndarray]) -> None:
         prepare(x)
 
 
+def fixed_batch_why(fixed_batch: int) -> str:
+    """Why a batch size was not timed, and what to change."""
+    return (f"the model has a fixed batch of {fixed_batch} (to time other batch sizes, export it with "
+            'dynamic_shapes={"x": {0: torch.export.Dim("batch")}} and an example of batch >= 2)')
+
+
 def latency(run: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmup: int, repeats: int,
             fixed_batch: int | None, notes: list[str], label: str) -> dict[str, dict[str, float]]:
     """{batch: {median, p90}} in ms; batch sizes a fixed-batch model cannot take are left out with a note."""
     out: dict[str, dict[str, float]] = {}
     for b in batch_sizes:
         if fixed_batch and b != fixed_batch:
-            notes.append(f"{label}: batch {b} skipped, the model has a fixed batch of {fixed_batch}")
+            notes.append(f"{label}: batch {b} skipped, {fixed_batch_why(fixed_batch)}")
             continue
         x = batch_inputs(inputs, b)
         _prepare(run, x)
@@ -86,13 +92,17 @@ def latency(run: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmu
 
 
 def latency_pair(run_a: Runner, run_b: Runner, inputs: list[np.ndarray], batch_sizes: list[int], warmup: int,
-                 repeats: int, fixed_batch: int | None) -> tuple[dict, dict]:
+                 repeats: int, fixed_batch: int | None, notes: list[str] | None = None,
+                 label: str = "") -> tuple[dict, dict]:
     """Latency of two models timed alternately (a, b, a, b, ...), so a change in machine load during the job
-    hits both alike: the ratio of the medians is then a fair comparison. Same shape as `latency`."""
+    hits both alike: the ratio of the medians is then a fair comparison. Same shape as `latency`; batch sizes a
+    fixed-batch model cannot take are left out, with a note in `notes` when given."""
     out_a: dict[str, dict[str, float]] = {}
     out_b: dict[str, dict[str, float]] = {}
     for b in batch_sizes:
         if fixed_batch and b != fixed_batch:
+            if notes is not None:
+                notes.append(f"{label}: batch {b} skipped, {fixed_batch_why(fixed_batch)}")
             continue
         x = batch_inputs(inputs, b)
         _prepare(run_a, x)
@@ -155,32 +165,9 @@ def ratios(original: dict, compressed: dict) -> dict:
     return out
 
 
-# A ratio under this is noise, not a gain: the report flags it so "compressed" never oversells.
+# A ratio under this is noise, not a gain: the report flags it (worker/engine/job/flags.py) so "compressed"
+# never oversells.
 MEANINGFUL_GAIN = 1.05
-
-
-def flags(ratios_: dict, original: dict | None = None, compressed: dict | None = None) -> list[str]:
-    """Warnings about the result: `no_size_reduction` (no artifact, the compact safetensors included, is
-    1.05x smaller), `no_speedup` (no latency ratio, same runtime at any batch size, reaches 1.05 with the
-    result's p90 under the original's median: a gain inside the run-to-run noise is no gain)."""
-    out = []
-    sizes = [r for r in (ratios_.get("size"), ratios_.get("safetensors_size")) if r is not None]
-    if not any(r >= MEANINGFUL_GAIN for r in sizes):
-        out.append("no_size_reduction")
-
-    def clear_gain(runtime: str, batch: str, ratio: float | None) -> bool:
-        if ratio is None or ratio < MEANINGFUL_GAIN:
-            return False
-        if original is None or compressed is None:
-            return True
-        before = (original.get("latency_ms") or {}).get(runtime, {}).get(batch) or {}
-        after = (compressed.get("latency_ms") or {}).get(runtime, {}).get(batch) or {}
-        return after.get("p90") is None or before.get("median") is None or after["p90"] < before["median"]
-
-    if not any(clear_gain(rt, b, r) for rt, by_batch in (ratios_.get("latency") or {}).items()
-               for b, r in by_batch.items()):
-        out.append("no_speedup")
-    return out
 
 
 def macs(model: LoadedModel, inputs: list[np.ndarray] | None = None) -> int | None:

@@ -55,10 +55,11 @@ def measure_original(job: JobContext, loaded: Loaded) -> Original:
                                    job.timing_threads, "original", blame_code="bad_model", notes=job.notes,
                                    skip_latency=paired)
         if original_onnx is not None and "onnxruntime" not in paired:
+            onnx_format = get_format("onnx")
             with blame("bad_model", "the original's ONNX export failed to run"):
                 stats["latency_ms"]["onnxruntime"] = metrics.latency(
-                    get_format("onnx").runner(original_onnx, "onnxruntime", job.timing_threads), inputs,
-                    ev.batch_sizes, ev.warmup, ev.repeats, None, job.notes,
+                    onnx_format.runner(original_onnx, "onnxruntime", job.timing_threads), inputs, ev.batch_sizes,
+                    ev.warmup, ev.repeats, onnx_format.fixed_batch(original_onnx), job.notes,
                     "original (fp32 ONNX export) on onnxruntime")
         layers_before = metrics.layer_sparsity(model)
         torch.set_num_threads(job.threads)  # a torch runner set the timing threads; the steps get them all
@@ -91,7 +92,8 @@ def _runtimes(job: JobContext) -> tuple[list[str], list[str], list[str], set[str
     original_runtimes = ev.runtimes or [NATIVE_RUNTIME[in_format]]
     runnable_outputs = [o for o in job.outputs if o != "safetensors"]
     result_format = get_format((runnable_outputs or [in_format])[0])
-    wanted = ev.runtimes or [NATIVE_RUNTIME[result_format.name]]
+    # Every output is timed in its own runtime: an ONNX output on onnxruntime even when the input is .pt2.
+    wanted = ev.runtimes or list(dict.fromkeys(NATIVE_RUNTIME[o] for o in runnable_outputs or [in_format]))
     if not ev.runtimes and "onnxruntime" in wanted and "onnxruntime" not in original_runtimes:
         original_runtimes = [*original_runtimes, "onnxruntime"]  # so an ONNX result has a baseline
     return original_runtimes, wanted, runnable_outputs, set(result_format.runtimes)

@@ -15,6 +15,7 @@ from worker.engine import metrics
 from worker.engine.finite import finite
 from worker.engine.job.context import JobContext
 from worker.engine.job.environment import environment
+from worker.engine.job.flags import flag_reasons
 from worker.engine.job.load import Loaded
 from worker.engine.job.measure_original import Original
 from worker.engine.job.measure_result import Result
@@ -33,12 +34,20 @@ def layer_table(original: Original, result: Result, steps: list[dict]) -> list[d
             for name, info in original.layers_before.items()]
 
 
-def result_metrics(original: Original, result: Result, layers: list[dict]) -> dict[str, Any]:
+def result_metrics(original: Original, result: Result, layers: list[dict], steps: list[dict],
+                   outputs: list[str]) -> dict[str, Any]:
+    """The measured figures; `ratios.size` is the best output's (named by `size_ratio_output`), and each flag
+    has its one-line reason in `flag_reasons`."""
     before, after = original.stats, result.stats
     out = {"original": before, "compressed": after, "ratios": metrics.ratios(before, after), "layers": layers}
     if result.compact is not None:
         out["ratios"]["safetensors_size"] = round(before["size_bytes"] / after["safetensors_size_bytes"], 4)
-    out["flags"] = metrics.flags(out["ratios"], before, after)
+    sizes = after.get("output_sizes") or {after["format"]: after["size_bytes"]}
+    best = min(sizes, key=lambda fmt: sizes[fmt])
+    out["ratios"]["size"] = round(before["size_bytes"] / sizes[best], 4) if sizes[best] else None
+    out["size_ratio_output"] = best
+    reasons = flag_reasons(out, steps, outputs)
+    out["flags"], out["flag_reasons"] = list(reasons), reasons
     return out
 
 
@@ -46,7 +55,7 @@ def write_report(job: JobContext, loaded: Loaded, original: Original, steps: lis
                  artifacts: list[dict]) -> dict[str, Any]:
     """Writes report.png and report.json to out/; returns the protocol's result message."""
     layers = layer_table(original, result, steps)
-    measured = result_metrics(original, result, layers)
+    measured = result_metrics(original, result, layers, steps, job.outputs)
     job.channel.progress("report", 0.0, "writing report.json")
     engine_seconds = round(time.perf_counter() - job.started, 4)
     # Informational: the supervisor checks the guard again from the metrics and decides the job's status.

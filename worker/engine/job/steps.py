@@ -15,7 +15,7 @@ def run_steps(job: JobContext, loaded: Loaded, original: Original) -> list[Appli
         channel.progress(stage, fraction, message)
 
     def on_step(report: dict) -> None:
-        channel.send({"type": "event", "name": "step_done", "data": report})
+        channel.send({"type": "event", "name": "step_done", "data": report, "message": step_message(report)})
 
     def on_event(name: str, data: dict) -> None:
         channel.send({"type": "event", "name": name, "data": data})
@@ -25,3 +25,11 @@ def run_steps(job: JobContext, loaded: Loaded, original: Original) -> list[Appli
                            workdir=job.work, progress=on_progress, on_step_done=on_step, on_event=on_event,
                            teachers=loaded.teachers, device=job.device,
                            timing=(job.timing_threads, max(job.ev.batch_sizes)), outputs=job.outputs)
+
+
+def step_message(report: dict) -> str:
+    """The step_done event's one line: which step, what it was, how long it took."""
+    what = " ".join(str(report[k]) for k in ("type", "method") if report.get(k))
+    seconds = report.get("seconds")
+    return f"step {report.get('index', '?')} ({what or 'step'}) done" + \
+        (f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else "")

@@ -45,7 +45,9 @@ from worker.engine.shared.selection import select
 __all__ = ["METHODS", "Quantize"]
 
 
-def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes: list[str]) -> list[np.ndarray]:
+def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes: list[str]
+                 ) -> tuple[list[np.ndarray], str]:
+    """(calibration arrays, the name of the dataset they come from)."""
     data, name = data_source(ctx.datasets, spec.dataset)
     if data is None:
         raise EngineError("bad_dataset", f"steps[{ctx.index}]: static_int8 calibrates activation ranges on data: give "
@@ -56,7 +58,7 @@ def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes
                         else ""))
     arrays = [a[: spec.samples] for a in dataset_arrays(model, data)]
     notes.append(f"calibrated on {arrays[0].shape[0]} samples of the {name!r} dataset ({spec.calibration})")
-    return arrays
+    return arrays, name
 
 
 @register(QuantizeSpec)
@@ -94,7 +96,8 @@ def _task(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext) -> QuantTask
     eligible = get_format(model.format).eligible_weights(model)
     selected = select(eligible, spec)
     kept: dict[str, str] = {r.name: "not selected by targets/ignore" for r in eligible if r not in selected}
-    calibration = _calibration(model, spec, ctx, notes) if spec.method == "static_int8" else None
+    calibration, calibration_dataset = _calibration(model, spec, ctx, notes) if spec.method == "static_int8" \
+        else (None, None)
     sample = model_inputs(model, calibration)
     if sample is None and model.format in ("package", "hf"):
         data, _ = data_source(ctx.datasets, "calibration")
@@ -126,7 +129,8 @@ def _task(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext) -> QuantTask
         notes.append("normalization layers stay float (keep_float: norm)")
     return QuantTask(model=model, spec=spec, ctx=ctx, outputs=outputs, eligible=eligible, targets=targets, kept=kept,
                      first_by_default=first_by_default, calibration=calibration,
-                     before={r.name: r.read().clone() for r in eligible}, notes=notes)
+                     before={r.name: r.read().clone() for r in eligible}, notes=notes,
+                     extra={"calibration_dataset": calibration_dataset} if calibration_dataset else {})
 
 
 def _report(task: QuantTask, done: list[str]) -> StepReport:

@@ -345,13 +345,29 @@ def _inputs(proto: onnx.ModelProto) -> list[str]:
     return [i.name for i in proto.graph.input if i.name not in inits]
 
 
-class _Reader:
-    """Calibration batches for quantize_static, the arrays in the model's input order."""
+def fixed_input_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch size the graph's first input is frozen to, or None when its batch dim is dynamic or unknown."""
+    inits = {i.name for i in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        return int(dims[0].dim_value) if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 \
+            else None
+    return None
 
-    def __init__(self, names: list[str], arrays: list[np.ndarray]):
-        n = arrays[0].shape[0]
-        self._batches = iter([{name: np.ascontiguousarray(a[s:s + _CALIBRATION_BATCH]) for name, a in zip(names, arrays)}
-                              for s in range(0, n, _CALIBRATION_BATCH)])
+
+class _Reader:
+    """Calibration batches for quantize_static, the arrays in the model's input order; a fixed-batch graph gets
+    batches of its size (the last one padded by repeating samples)."""
+
+    def __init__(self, names: list[str], arrays: list[np.ndarray], fixed_batch: int | None = None):
+        n, step = arrays[0].shape[0], fixed_batch or _CALIBRATION_BATCH
+        chunks = []
+        for s in range(0, n, step):
+            idx = np.arange(s, s + step) % n if fixed_batch else np.arange(s, min(s + step, n))
+            chunks.append({name: np.ascontiguousarray(a[idx]) for name, a in zip(names, arrays)})
+        self._batches = iter(chunks)
 
     def get_next(self):
         return next(self._batches, None)
@@ -487,10 +503,12 @@ def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], t
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration]
     out = workdir / f"quantize-{tag}.onnx"
-    names = _inputs(onnx.load(str(source), load_external_data=False))
+    graph = onnx.load(str(source), load_external_data=False)
+    names = _inputs(graph)
     try:
         with _tempdir(workdir):
-            ort_quantize_static(str(source), str(out), _Reader(names, arrays), quant_format=QuantFormat.QDQ,
+            ort_quantize_static(str(source), str(out), _Reader(names, arrays, fixed_input_batch(graph)),
+                                quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 per_channel=per_channel, reduce_range=reduce_range, calibrate_method=method,
                                 op_types_to_quantize=op_types, nodes_to_exclude=exclude)
