@@ -1,4 +1,4 @@
-"""The schemathesis fuzzing of tests/app/test_fuzz.py at length: many more generated cases per operation than CI
+"""The schemathesis fuzzing of tests/app/api/test_fuzz.py at length: many more generated cases per operation than CI
 runs, same checks (no 5xx, documented statuses and content types, schema-conformant bodies, invalid input refused),
 still derandomized so a rerun is the same run."""
 
@@ -18,7 +18,7 @@ def bench_fuzz(work: Path, examples: int = 200) -> dict:
     env = {**os.environ, "SQUEEZE_FUZZ_EXAMPLES": str(examples)}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:logging",
-                           "tests/app/test_fuzz.py", "-k", "openapi_fuzz or enough_cases",
+                           "tests/app/api/test_fuzz.py", "-k", "openapi_fuzz or enough_cases",
                            "--basetemp", str(work / "pytest")],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started

@@ -149,7 +149,7 @@ def _assert_inert(page, selector: str) -> None:
 
 
 def test_dashboard_shows_sandbox_values_as_text(stack_factory, browser):
-    from tests.app.routes.test_api import tiny_onnx, upload_model
+    from tests.app.api.routes.test_api import tiny_onnx, upload_model
 
     stack = stack_factory("sqlite")
     stack.start_api()

@@ -9,7 +9,7 @@ from typing import IO, Any
 from app.files.screening.common import ScreeningError
 
 # What benign torch.export archives hold in their pickled entries (sample inputs, tensor-subclass
-# weights and constants are all torch.save zips; see tests/app/test_screening.py), plus the close
+# weights and constants are all torch.save zips; see tests/app/files/test_screening.py), plus the close
 # siblings of the same writer: every legacy typed storage class torch.save may name, the dtypes
 # `_rebuild_tensor_v3` names for the newer dtypes, and Parameters. Deliberately narrower than
 # torch's weights_only allowlist: no tensor-subclass rebuilds, no sparse/nested/quantized tensors,

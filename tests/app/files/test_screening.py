@@ -25,13 +25,13 @@ import pytest
 from app.files import screening
 from app.files.screening import ScreeningError, scan_pickle, sniff_dataset, sniff_model
 from app.files.screening.zips import entry_copy
-from tests.app.routes.test_upload_screening import deflated_copies, npy_zeros, slow_onnx
+from tests.app.files.test_upload_screening import deflated_copies, npy_zeros, slow_onnx
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 LIMITS = dict(max_unpacked_bytes=1 << 34, max_entries=10_000)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------------------------------- helpers

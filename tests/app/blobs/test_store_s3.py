@@ -11,7 +11,7 @@ import pytest
 
 from app.blobs.store import S3Store, make_store
 from app.core.config import Settings
-from tests.app.routes.test_api import npz_bytes
+from tests.app.api.routes.test_api import npz_bytes
 from tests.conftest import ADMIN_KEY
 from testing.s3 import s3_server  # noqa: F401  (fixture)
 from testing.stack import reset_caches

@@ -24,7 +24,7 @@ from squeeze_client import (
 )
 from squeeze_client import client as client_module
 
-from tests.app.routes.test_api import npz_bytes, tiny_onnx
+from tests.app.api.routes.test_api import npz_bytes, tiny_onnx
 from tests.conftest import new_team_key
 
 

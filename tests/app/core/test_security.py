@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tests.app.routes.test_api import tiny_onnx, upload_model
+from tests.app.api.routes.test_api import tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 EXPECTED = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY"}

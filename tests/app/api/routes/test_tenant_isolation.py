@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.routing import iter_route_contexts
 
-from tests.app.routes.test_api import npz_bytes, tiny_onnx, upload_model
+from tests.app.api.routes.test_api import npz_bytes, tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 HOOK = "https://hooks.example.invalid/hook"

@@ -1,6 +1,6 @@
 """Hostile input, through HTTP: each is refused (or contained) with a clear status and code, and nothing is stored.
 
-tests/app/test_screening.py checks the screening functions file by file; this catalogue sends the same kinds of
+tests/app/files/test_screening.py checks the screening functions file by file; this catalogue sends the same kinds of
 attack through the API (status, code, no row, no blob, no temp file left) and adds what only HTTP has: declared
 sizes, names, content types, and every recipe bound generated from the pydantic schema. Payloads that would run
 code create a canary file (/tmp/squeeze-pwned-<random>); no test may see it appear.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.app.routes.test_api import npz_bytes, tiny_onnx, upload_model
+from tests.app.api.routes.test_api import npz_bytes, tiny_onnx, upload_model
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")

@@ -1,7 +1,7 @@
 """Upload screening through HTTP: zip bombs of many small entries, the screening time budget, and an API that keeps
 answering while an upload is screened (screening runs in a child process, off the event loop and thread pool).
 
-tests/app/test_screening.py checks the screening functions themselves (and imports the builders below).
+tests/app/files/test_screening.py checks the screening functions themselves (and imports the builders below).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.app.routes.test_api import tiny_onnx, upload_model
+from tests.app.api.routes.test_api import tiny_onnx, upload_model
 
 
 def slow_onnx(nodes: int) -> bytes:

@@ -14,8 +14,8 @@ from app.blobs.store import make_store
 from app.core.db import session_scope
 from app.core.tables import Artifact, Job
 from app.jobs import lifecycle
-from tests.app.routes.test_api import tiny_onnx, upload_model
-from tests.app.test_lifecycle import _job as queued_job
+from tests.app.api.routes.test_api import tiny_onnx, upload_model
+from tests.app.jobs.test_lifecycle import _job as queued_job
 
 
 def test_an_upload_landing_while_its_blob_is_freed_keeps_its_blob(api, monkeypatch):

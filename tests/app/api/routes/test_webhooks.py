@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.routes.test_api import tiny_onnx, upload_model
+from tests.app.api.routes.test_api import tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 HOOK = "https://hooks.example.invalid/hook"  # .invalid never resolves: no test sends anywhere

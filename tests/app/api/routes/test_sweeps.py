@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.app.routes.test_api import npz_bytes, tiny_onnx, upload_model
+from tests.app.api.routes.test_api import npz_bytes, tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 BASE = {"steps": [{"type": "prune", "sparsity": 0.5}], "outputs": ["onnx", "safetensors"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.routes.test_api import npz_bytes, tiny_onnx, upload_model
+from tests.app.api.routes.test_api import npz_bytes, tiny_onnx, upload_model
 from tests.conftest import new_team_key
 
 PRUNE = {"steps": [{"type": "prune", "sparsity": 0.5}], "evaluate": {"batch_sizes": [1], "repeats": 2}}

@@ -14,7 +14,7 @@ import pytest
 from app.files.screening import sniff_model
 from app.files.screening.inputs import MAX_NAME_CHARS
 from app.files.screening.onnx_inputs import MAX_DIMS
-from tests.app.routes.test_api import upload_model
+from tests.app.api.routes.test_api import upload_model
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
