@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import queue as queue_mod
 import re
@@ -32,6 +31,7 @@ from app.recipes import Recipe
 from app.reports import check_guard, guard_message
 from worker import isolation, launch
 from worker.jobdir import open_job_file
+from worker.memory import MemoryBudget, gib, sandbox_memory
 
 log = logging.getLogger("squeeze.supervisor")
 
@@ -84,43 +84,6 @@ class _EventBudget:
             raise OutputLimit(f"more than {self.max_events} events (SQUEEZE_SANDBOX_MAX_EVENTS)")
         if self.bytes > self.max_bytes:
             raise OutputLimit(f"more than {self.max_bytes} bytes of events (SQUEEZE_SANDBOX_MAX_EVENT_BYTES)")
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """The sandbox's memory limit for one job, scaled to the size of the models it loads."""
-
-    input_bytes: int  # the model file plus any teacher models
-    needed_bytes: int  # overhead + per_model_byte x input_bytes
-    limit_bytes: int  # the sandbox's memory limit (its cgroup's, else RLIMIT_AS): needed, floored, capped
-    cap_bytes: int
-
-    @property
-    def fits(self) -> bool:
-        return self.needed_bytes <= self.cap_bytes
-
-    def as_event(self) -> dict[str, int]:
-        return {"memory_limit_bytes": self.limit_bytes, "memory_needed_bytes": self.needed_bytes,
-                "model_input_bytes": self.input_bytes}
-
-    def refusal(self, settings: Settings) -> str:
-        return (f"the job's models ({_gib(self.input_bytes)}) would need about {_gib(self.needed_bytes)} of sandbox "
-                f"memory (SQUEEZE_SANDBOX_MEMORY_OVERHEAD_BYTES={settings.sandbox_memory_overhead_bytes} + "
-                f"SQUEEZE_SANDBOX_MEMORY_PER_MODEL_BYTE={settings.sandbox_memory_per_model_byte:g} x model bytes), "
-                f"more than SQUEEZE_SANDBOX_MEMORY_MAX_BYTES={self.cap_bytes} ({_gib(self.cap_bytes)}); run it on a "
-                "worker whose cap is raised to fit, or upload a smaller model")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
-
-
-def sandbox_memory(settings: Settings, input_bytes: int) -> MemoryBudget:
-    """limit = min(cap, max(floor, overhead + factor x input_bytes)); the cap never goes below the floor. A job
-    whose need is past the cap does not fit (`fits` is False) and is refused before anything is staged."""
-    needed = settings.sandbox_memory_overhead_bytes + math.ceil(settings.sandbox_memory_per_model_byte * input_bytes)
-    cap = max(settings.sandbox_memory_max_bytes, settings.sandbox_memory_bytes)
-    return MemoryBudget(input_bytes, needed, min(cap, max(settings.sandbox_memory_bytes, needed)), cap)
 
 
 def stage(claim: Claim, jobdir: Path, store: BlobStore, settings: Settings) -> None:
@@ -284,7 +247,7 @@ def _supervise(claim, settings, store, sandbox: launch.Sandbox, memory: MemoryBu
     said = _Stream(_EventBudget(settings))
     events: list[tuple[str, str | None, dict[str, Any]]] = [
         ("sandbox", f"sandbox {'warm' if sandbox.warm else 'started'} ({proc.isolation['mode']}, memory limit "
-                    f"{_gib(memory.limit_bytes)})", {"isolation": sandbox.describe(), **memory.as_event()})]
+                    f"{gib(memory.limit_bytes)})", {"isolation": sandbox.describe(), **memory.as_event()})]
     next_beat, eof = 0.0, False
     confirmed = False  # a heartbeat got through after the sandbox's output ended: the lease is still ours
     db_down_since: float | None = None
@@ -345,8 +308,8 @@ def _supervise(claim, settings, store, sandbox: launch.Sandbox, memory: MemoryBu
 def _out_of_memory(sandbox: launch.Sandbox, memory: MemoryBudget) -> Outcome:
     peak = sandbox.peak_memory_bytes()
     return Outcome("failed", "resource_limit",
-                   f"the sandbox ran out of memory: its cgroup's limit of {_gib(memory.limit_bytes)} was reached"
-                   + (f" (peak {_gib(peak)})" if peak else "") + "; the kernel ended the job. Give the worker "
+                   f"the sandbox ran out of memory: its cgroup's limit of {gib(memory.limit_bytes)} was reached"
+                   + (f" (peak {gib(peak)})" if peak else "") + "; the kernel ended the job. Give the worker "
                    "more memory per model byte (SQUEEZE_SANDBOX_MEMORY_PER_MODEL_BYTE) or a smaller model")
 
 

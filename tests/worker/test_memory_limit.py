@@ -1,4 +1,4 @@
-"""The sandbox's memory limit scales with the size of the job's models (worker/supervisor.py: sandbox_memory)."""
+"""The sandbox's memory limit scales with the size of the job's models (worker/memory.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from app.blobs.store import LocalStore
 from app.core.config import Settings
 from app.jobs.lifecycle import Claim
 from worker import supervisor
-from worker.supervisor import sandbox_memory
+from worker.memory import sandbox_memory
 
 GiB, MiB = 1024**3, 1024**2
 
