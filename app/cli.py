@@ -101,9 +101,11 @@ def serve(host: str | None, port: int | None, workers: int) -> int:
     migrate()
     key = _admin_key(settings.data_dir)
     procs = _start(settings, host, port, workers, key)
-    console.print(f"[bold green]Squeeze[/] on http://{host}:{port}  (data: {settings.data_dir})")
+    url = f"http://{host}:{port}"
+    console.print(f"[bold green]Squeeze[/] on {url}  (data: {settings.data_dir}; port: --port or SQUEEZE_PORT)")
     console.print(f"admin key: [bold]{key}[/]   database: {settings.database_url.split('@')[-1]}")
-    console.print(f"try: curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/recipes/presets")
+    console.print(f"dashboard: {url}/dashboard   API reference: {url}/docs")
+    console.print(f"try: curl -H 'Authorization: Bearer {key}' {url}/v1/recipes/presets")
     console.print(_command_hint(), highlight=False)
     stopped = _run_until_stopped(procs)
     failed = [p for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]

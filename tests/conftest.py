@@ -76,7 +76,7 @@ def new_team_key(client, team: str) -> str:
 # of the in-process tests (the SQLite half runs); `make test` (CI) runs everything.
 SLOW_FIXTURES = {"stack_factory"}
 SLOW_MODULES = {"test_isolation.py", "test_cgroups.py", "test_dashboard.py", "test_api_docs.py", "test_fuzz.py",
-                "test_client_package.py", "test_readme_quickstart.py", "test_walkthrough.py"}
+                "test_client_package.py", "test_readme_quickstart.py", "test_walkthrough.py", "test_server_command.py"}
 
 
 def pytest_configure(config):
