@@ -83,3 +83,36 @@ def test_the_schema_checks_flag_reasons(tmp_path, zoo):
         data["metrics"]["flag_reasons"] = broken
         with pytest.raises(ValidationError):
             validate_report(data)
+
+
+def test_static_int8_of_a_batch_1_pt2_calibrates_and_times_at_its_batch(tmp_path, digits, cnn):
+    """A .pt2 exported with a batch-1 example: both int8 writers (PT2E, ONNX Runtime) calibrate batch by batch at
+    batch 1, every output is timed at batch 1 only, and the notes say which batch sizes were skipped and why."""
+    import torch
+
+    _, _, x_test, y_test = digits
+    images = mz.as_images(x_test)
+    torch.export.save(torch.export.export(cnn.eval(), (torch.from_numpy(images[:1]),)), str(tmp_path / "b1.pt2"))
+    data = {"eval": mz.write_npz(tmp_path / "eval.npz", images, y_test)}
+    steps = [{"type": "quantize", "method": "static_int8"}]
+    _, report = run_ok(make_job(tmp_path, tmp_path / "b1.pt2", "pt2", steps, ["pt2", "onnx"], data))
+    m = report["metrics"]
+    assert set(m["compressed"]["output_sizes"]) == {"pt2", "onnx"} and m["ratios"]["size"] > 3
+    assert {rt: set(by_batch) for rt, by_batch in m["compressed"]["latency_ms"].items()} == \
+        {"torch": {"1"}, "onnxruntime": {"1"}}
+    skipped = [n for n in report["notes"] if "batch 32 skipped" in n]
+    assert len(skipped) >= 2 and all('torch.export.Dim("batch")' in n for n in skipped)
+    assert "calibrated_on_eval" in m["flags"] and m["compressed"]["agreement"] >= 0.95
+
+
+def test_calibration_chunks_and_the_fixed_batch_hint():
+    import numpy as np
+
+    from worker.engine.shared.data import calibration_chunks, fixed_batch_hint
+
+    x = np.arange(5, dtype=np.float32).reshape(5, 1)
+    assert [c[0].ravel().tolist() for c in calibration_chunks([x], 2, fixed=True)] == [[0, 1], [2, 3], [4, 0]]
+    assert [len(c[0]) for c in calibration_chunks([x], 2, fixed=False)] == [2, 2, 1]
+    ort_error = "Got invalid dimensions for input: x for the following indices index: 0 Got: 32 Expected: 1"
+    assert 'torch.export.Dim("batch")' in fixed_batch_hint(ort_error)
+    assert fixed_batch_hint("out of memory") == "out of memory"

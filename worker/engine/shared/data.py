@@ -42,3 +42,23 @@ def classification_loss(out: torch.Tensor, y: torch.Tensor, index: int, what: st
         raise EngineError("bad_dataset", f"steps[{index}]: labels must be class ids in [0, {out.shape[1]}), got "
                                          f"[{int(y.min())}, {int(y.max())}]")
     return nn.functional.cross_entropy(out, y, reduction=reduction)
+
+
+def calibration_chunks(arrays: list[np.ndarray], step: int, fixed: bool) -> list[list[np.ndarray]]:
+    """The samples in batches of `step`; a fixed-batch model (`fixed`) gets the last one padded to `step` by
+    repeating samples, as it takes no other batch size."""
+    n = arrays[0].shape[0]
+    chunks = []
+    for s in range(0, n, step):
+        idx = np.arange(s, s + step) % n if fixed else np.arange(s, min(s + step, n))
+        chunks.append([np.ascontiguousarray(a[idx]) for a in arrays])
+    return chunks
+
+
+def fixed_batch_hint(message: str) -> str:
+    """A failure message, with what to change when it is a model frozen to one batch size refusing another."""
+    shape_refused = ("invalid dimensions", "shape[0] to be equal to")  # ONNX Runtime's, torch.export's guard's
+    if any(s in message for s in shape_refused):
+        return message + ('; if the model was exported with a fixed batch, export it with dynamic_shapes={"x": '
+                          '{0: torch.export.Dim("batch")}} and an example of batch >= 2')
+    return message

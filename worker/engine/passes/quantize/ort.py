@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from worker.engine.errors import EngineError
+from worker.engine.shared.data import calibration_chunks, fixed_batch_hint
 
 NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
             "SimplifiedLayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"}
@@ -362,12 +363,8 @@ class _Reader:
     batches of its size (the last one padded by repeating samples)."""
 
     def __init__(self, names: list[str], arrays: list[np.ndarray], fixed_batch: int | None = None):
-        n, step = arrays[0].shape[0], fixed_batch or _CALIBRATION_BATCH
-        chunks = []
-        for s in range(0, n, step):
-            idx = np.arange(s, s + step) % n if fixed_batch else np.arange(s, min(s + step, n))
-            chunks.append({name: np.ascontiguousarray(a[idx]) for name, a in zip(names, arrays)})
-        self._batches = iter(chunks)
+        chunks = calibration_chunks(arrays, fixed_batch or _CALIBRATION_BATCH, fixed_batch is not None)
+        self._batches = iter([dict(zip(names, chunk)) for chunk in chunks])
 
     def get_next(self):
         return next(self._batches, None)
@@ -513,8 +510,8 @@ def _qdq(proto: onnx.ModelProto, arrays: list[np.ndarray], exclude: list[str], t
                                 per_channel=per_channel, reduce_range=reduce_range, calibrate_method=method,
                                 op_types_to_quantize=op_types, nodes_to_exclude=exclude)
     except Exception as exc:
-        raise EngineError("unsupported", f"onnxruntime static quantization failed: {type(exc).__name__}: "
-                                         f"{str(exc)[:500]}") from exc
+        raise EngineError("unsupported", fixed_batch_hint(f"onnxruntime static quantization failed: "
+                                                          f"{type(exc).__name__}: {str(exc)[:500]}")) from exc
     result = onnx.load(str(out))
     strip_debug_info(result)
     return result, notes

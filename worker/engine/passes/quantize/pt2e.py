@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from worker.engine.errors import EngineError
+from worker.engine.shared.data import calibration_chunks, fixed_batch_hint
 
 _CALIBRATION_BATCH = 32
 
@@ -93,14 +94,15 @@ def quantize(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic_b
     split_shared_modules(gm)
     try:
         prepared = prepare_pt2e(gm, quantizer)
-        n = calibration_arrays[0].shape[0]
+        # A graph captured with a fixed batch takes only that batch: calibrate batch by batch at it.
+        step = _CALIBRATION_BATCH if dynamic_batch else int(args[0].shape[0])
         with torch.no_grad():
-            for s in range(0, n, _CALIBRATION_BATCH):
-                prepared(*[torch.from_numpy(np.ascontiguousarray(a[s:s + _CALIBRATION_BATCH]))
-                           for a in calibration_arrays])
+            for chunk in calibration_chunks(calibration_arrays, step, fixed=not dynamic_batch):
+                prepared(*[torch.from_numpy(a) for a in chunk])
         converted = convert_pt2e(prepared)
     except Exception as exc:
-        raise EngineError("unsupported", f"PT2E quantization failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        raise EngineError("unsupported", fixed_batch_hint(f"PT2E quantization failed: {type(exc).__name__}: "
+                                                          f"{str(exc)[:500]}")) from exc
     removed = strip_unused(converted)
     int8 = {k: tuple(v.shape) for k, v in converted.state_dict().items() if v.dtype == torch.int8 and v.ndim >= 2}
     dynamic = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
