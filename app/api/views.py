@@ -4,7 +4,7 @@ no table)."""
 from __future__ import annotations
 
 from app.api.schemas import ArtifactOut, FileOut, JobError, JobOut, JobWebhookOut
-from app.core.tables import Dataset, Job, Model
+from app.core.tables import DatasetFile, Job, ModelFile
 
 
 def job_out(job: Job) -> JobOut:
@@ -24,6 +24,6 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def file_out(row: Model | Dataset, kind: str) -> FileOut:
+def file_out(row: ModelFile | DatasetFile, kind: str) -> FileOut:
     return FileOut(id=row.id, name=row.name, format=row.format, sha256=row.sha256, size_bytes=row.size_bytes,
                    details=row.details or {}, created_at=row.created_at, url=f"/v1/{kind}/{row.id}/file")

@@ -16,23 +16,23 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.blobs.store import BlobStore
-from app.core.tables import Artifact, Dataset, Job, Model
+from app.core.tables import Artifact, DatasetFile, Job, ModelFile
 from app.jobs.states import TERMINAL_STATUSES
 from app.recipes import teacher_model_ids
 
 
 def in_use(db: Session, sha256: str) -> bool:
-    for table in (Model, Dataset):  # an upload that is still listed
+    for table in (ModelFile, DatasetFile):  # an upload that is still listed
         if db.scalar(select(table.id).where(table.sha256 == sha256, table.deleted_at.is_(None)).limit(1)):
             return True
     if db.scalar(select(Artifact.id).where(Artifact.sha256 == sha256).limit(1)):
         return True
-    model_ids = set(db.scalars(select(Model.id).where(Model.sha256 == sha256)))
+    model_ids = set(db.scalars(select(ModelFile.id).where(ModelFile.sha256 == sha256)))
     # A deleted model stays with every job made from it (its report and rerun name it) until those jobs are deleted.
     if model_ids and db.scalar(select(Job.id).where(Job.model_id.in_(model_ids)).limit(1)):
         return True
     # A deleted dataset or teacher is still read by a job that has not finished.
-    needed_by_active = model_ids | set(db.scalars(select(Dataset.id).where(Dataset.sha256 == sha256)))
+    needed_by_active = model_ids | set(db.scalars(select(DatasetFile.id).where(DatasetFile.sha256 == sha256)))
     if needed_by_active:
         for datasets, recipe in db.execute(select(Job.datasets, Job.recipe).where(
                 Job.status.not_in(TERMINAL_STATUSES))):

@@ -56,11 +56,11 @@ class UploadedFile:
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class Model(UploadedFile, Base):
+class ModelFile(UploadedFile, Base):
     __tablename__ = "models"
 
 
-class Dataset(UploadedFile, Base):
+class DatasetFile(UploadedFile, Base):
     __tablename__ = "datasets"
 
 

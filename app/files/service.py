@@ -16,13 +16,13 @@ from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id, utcnow
 from app.core.errors import APIError, not_found
-from app.core.tables import Dataset, Model
+from app.core.tables import DatasetFile, ModelFile
 from app.files import screening
 from app.files.receive import Received
 
-FileRow = type[Model] | type[Dataset]
-KIND_BY_ROW = {Model: "model", Dataset: "dataset"}
-ID_PREFIX = {Model: "mdl", Dataset: "ds"}
+FileRow = type[ModelFile] | type[DatasetFile]
+KIND_BY_ROW = {ModelFile: "model", DatasetFile: "dataset"}
+ID_PREFIX = {ModelFile: "mdl", DatasetFile: "ds"}
 MAX_NAME = 255
 
 
@@ -39,7 +39,7 @@ def _clean_name(name: str | None, fallback: str) -> str:
 
 
 async def store_upload(db: Session, store: BlobStore, settings: Settings, principal: Principal, row_type: FileRow,
-                       received: Received, name: str | None) -> Model | Dataset:
+                       received: Received, name: str | None) -> ModelFile | DatasetFile:
     try:
         # In a child process with a time budget: never on the thread pool that serves the synchronous routes.
         sniffed = await screening.screen(KIND_BY_ROW[row_type], received.path,
@@ -72,7 +72,7 @@ def _spare(src: Path) -> Path:
     return spare
 
 
-def _record(db: Session, store: BlobStore, row: Model | Dataset, src: Path) -> None:
+def _record(db: Session, store: BlobStore, row: ModelFile | DatasetFile, src: Path) -> None:
     """Puts the blob (the transfer runs without a lock), then commits its row under the digest's lock
     (`references.lock`), putting the bytes again if a release freed the blob in between: a release that comes later
     sees the row."""
@@ -91,7 +91,7 @@ def _record(db: Session, store: BlobStore, row: Model | Dataset, src: Path) -> N
         spare.unlink(missing_ok=True)
 
 
-def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) -> Model | Dataset:
+def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) -> ModelFile | DatasetFile:
     row = owned(db.get(row_type, ident), principal)
     if row is None:
         raise not_found(KIND_BY_ROW[row_type], ident)
@@ -99,7 +99,7 @@ def get_owned(db: Session, principal: Principal, row_type: FileRow, ident: str) 
 
 
 def list_owned(db: Session, principal: Principal, row_type: FileRow, limit: int, after: str | None,
-               sha256: str | None = None) -> tuple[list[Model | Dataset], bool]:
+               sha256: str | None = None) -> tuple[list[ModelFile | DatasetFile], bool]:
     q = select(row_type).where(row_type.team_id == principal.team_id, row_type.deleted_at.is_(None))
     if sha256:
         q = q.where(row_type.sha256 == sha256)

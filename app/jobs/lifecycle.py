@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 from app.blobs import references
 from app.blobs.store import BlobStore, make_store
 from app.core.db import new_id, utcnow
-from app.core.tables import Artifact, Dataset, Job, JobEvent, Model, Team
+from app.core.tables import Artifact, DatasetFile, Job, JobEvent, ModelFile, Team
 from app.recipes import teacher_model_ids
 from app.webhooks import delivery
 
@@ -108,14 +108,14 @@ def claim(db: Session, job_id: str, worker: str, team_limit: int = 0) -> Claim |
         raise TeamBusy(job_id, *waiting)
     job = db.get(Job, job_id)
     db.refresh(job)
-    model = db.get(Model, job.model_id)
+    model = db.get(ModelFile, job.model_id)
     datasets = {}
     for role, ident in (job.datasets or {}).items():
-        ds = db.get(Dataset, ident)
+        ds = db.get(DatasetFile, ident)
         datasets[role] = {"sha256": ds.sha256, "format": ds.format}
     teachers = {}  # distillation teachers other than the original, checked to be the team's at submit
     for ident in dict.fromkeys(teacher_model_ids(job.recipe)):
-        row = db.get(Model, ident)
+        row = db.get(ModelFile, ident)
         if row is not None:
             teachers[ident] = {"sha256": row.sha256, "format": row.format}
     add_event(db, job_id, "started", f"attempt {job.attempts} on {worker}", {"attempt": job.attempts,

@@ -18,7 +18,7 @@ from app.core.auth import Principal, owned
 from app.core.config import Settings
 from app.core.db import new_id, utcnow
 from app.core.errors import APIError, not_found
-from app.core.tables import Artifact, Dataset, Job, JobEvent, Model
+from app.core.tables import Artifact, DatasetFile, Job, JobEvent, ModelFile
 from app.jobs.lifecycle import add_event
 from app.jobs.states import TERMINAL_STATUSES
 from app.queue import broker
@@ -67,15 +67,15 @@ def job_queue(settings: Settings, recipe: Recipe) -> str:
 
 
 def check_job(db: Session, principal: Principal, body: JobCreate
-              ) -> tuple[Model, dict[str, str], Recipe, list[str]]:
+              ) -> tuple[ModelFile, dict[str, str], Recipe, list[str]]:
     """Everything a submit checks before inserting (the model, datasets and teachers are the team's; the recipe
     fits the model's format) -> (model, datasets, recipe, outputs), or the 404/422."""
-    model = owned(db.get(Model, body.model_id), principal)
+    model = owned(db.get(ModelFile, body.model_id), principal)
     if model is None:
         raise not_found("model", body.model_id)
     datasets = {role: ident for role, ident in body.datasets.model_dump().items() if ident}
     for role, ident in datasets.items():
-        if owned(db.get(Dataset, ident), principal) is None:
+        if owned(db.get(DatasetFile, ident), principal) is None:
             raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
                            {"field": f"datasets.{role}", "id": ident})
     recipe, outputs = validate_recipe(body.recipe, model.format)
@@ -88,7 +88,7 @@ def check_job(db: Session, principal: Principal, body: JobCreate
     for i, step in enumerate(recipe.steps):  # a teacher is another model of the same team
         teacher = step.teacher if isinstance(step, DistillSpec) else "original"
         if teacher != "original":
-            if owned(db.get(Model, teacher), principal) is None:
+            if owned(db.get(ModelFile, teacher), principal) is None:
                 raise APIError(404, "not_found", f"teacher model {teacher!r} (recipe.steps[{i}].teacher) not found",
                                {"field": f"recipe.steps[{i}].teacher", "id": teacher})
     return model, datasets, recipe, outputs
@@ -192,8 +192,8 @@ def delete_job(db: Session, store: BlobStore, principal: Principal, job_id: str)
                        {"status": job.status})
     held = [a.sha256 for a in job.artifacts]
     model_ids = [job.model_id, *teacher_model_ids(job.recipe)]
-    held += db.scalars(select(Model.sha256).where(Model.id.in_(model_ids)))
-    held += db.scalars(select(Dataset.sha256).where(Dataset.id.in_(list((job.datasets or {}).values()))))
+    held += db.scalars(select(ModelFile.sha256).where(ModelFile.id.in_(model_ids)))
+    held += db.scalars(select(DatasetFile.sha256).where(DatasetFile.id.in_(list((job.datasets or {}).values()))))
     # the status condition: a job is never deleted from under a claim (terminal jobs are never claimed again)
     db.execute(delete(Job).where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES)))
     db.commit()

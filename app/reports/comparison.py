@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.core.auth import Principal
-from app.core.tables import Job, Model
+from app.core.tables import Job, ModelFile
 from app.files import service as files
 from app.recipes import GuardSpec
 from app.reports import check_guard, headline, pareto_front
@@ -59,7 +59,7 @@ def fronts(heads: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def compare_model(db: Session, principal: Principal, model_id: str, runtime: str | None, batch: int | None,
                   limit: int) -> dict[str, Any]:
     """The model's jobs that have a measured report (newest first, at most `limit`) and their Pareto fronts."""
-    model = files.get_owned(db, principal, Model, model_id)
+    model = files.get_owned(db, principal, ModelFile, model_id)
     q = (select(Job).where(Job.team_id == principal.team_id, Job.model_id == model.id,
                            or_(Job.status == "succeeded", Job.error_code == GUARD_FAILED))
          .order_by(Job.id.desc()).limit(limit + 1))

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import APIError
-from app.core.tables import Dataset, Job, Model, Team
+from app.core.tables import DatasetFile, Job, ModelFile, Team
 
 LIMITS = ("max_running", "max_queued", "max_upload_bytes", "uploads_per_minute", "max_priority")
 WINDOW_S = 60  # uploads_per_minute's window
@@ -85,12 +85,12 @@ def check_submission(db: Session, settings: Settings, team_id: str, priority: in
 
 def stored_bytes(db: Session, team_id: str) -> int:
     return sum(int(db.scalar(select(func.coalesce(func.sum(row.size_bytes), 0)).where(  # PostgreSQL: a Decimal
-        row.team_id == team_id, row.deleted_at.is_(None)))) for row in (Model, Dataset))
+        row.team_id == team_id, row.deleted_at.is_(None)))) for row in (ModelFile, DatasetFile))
 
 
 def _recent_uploads(db: Session, team_id: str) -> list[datetime]:
     since = utcnow() - timedelta(seconds=WINDOW_S)
-    return sorted(t for row in (Model, Dataset)  # deleted uploads count: deleting does not give the minute back
+    return sorted(t for row in (ModelFile, DatasetFile)  # deleted uploads count: deleting does not give the minute back
                   for t in db.scalars(select(row.created_at).where(row.team_id == team_id, row.created_at > since)))
 
 

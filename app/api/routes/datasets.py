@@ -1,4 +1,4 @@
 from app.api.routes.files import file_router
-from app.core.tables import Dataset
+from app.core.tables import DatasetFile
 
-router = file_router("datasets", Dataset)
+router = file_router("datasets", DatasetFile)

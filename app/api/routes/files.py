@@ -16,7 +16,7 @@ from app.blobs.store import BlobStore, make_store
 from app.core.auth import Principal
 from app.core.config import Settings, get_settings
 from app.core.errors import APIError
-from app.core.tables import Dataset, Model
+from app.core.tables import DatasetFile, ModelFile
 from app.files import service as files
 from app.files.receive import FRAMING_SLACK, Received, receive
 from app.teams import limits
@@ -94,7 +94,7 @@ def _check_received(db: Session, settings: Settings, principal: Principal, recei
         db.rollback()  # no transaction stays open while the upload is screened and stored
 
 
-def file_router(kind: str, row_type: type[Model] | type[Dataset]) -> APIRouter:
+def file_router(kind: str, row_type: type[ModelFile] | type[DatasetFile]) -> APIRouter:
     router = APIRouter(prefix=f"/v1/{kind}", tags=[kind], responses=error_responses(401))
 
     @router.post("", status_code=201, response_model=FileOut,

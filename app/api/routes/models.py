@@ -1,4 +1,4 @@
 from app.api.routes.files import file_router
-from app.core.tables import Model
+from app.core.tables import ModelFile
 
-router = file_router("models", Model)
+router = file_router("models", ModelFile)

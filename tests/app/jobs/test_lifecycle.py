@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from app.core.auth import create_key
 from app.core.db import new_id, session_scope, utcnow
-from app.core.tables import Job, Model
+from app.core.tables import Job, ModelFile
 from app.jobs import lifecycle
 
 SETTINGS = {"heartbeat_timeout_s": 10, "requeue_after_s": 30, "max_attempts": 2}
@@ -14,7 +14,7 @@ SETTINGS = {"heartbeat_timeout_s": 10, "requeue_after_s": 30, "max_attempts": 2}
 
 def _job(db) -> str:
     key, _ = create_key(db, "lc", "k")
-    model = Model(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
+    model = ModelFile(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
     db.add(model)
     db.flush()
     job = Job(id=new_id("job"), team_id=key.team_id, model_id=model.id, recipe={}, outputs=["onnx"], queue="cpu",

@@ -10,13 +10,13 @@ import pytest
 
 from app.core.auth import create_key
 from app.core.db import new_id, session_scope, utcnow
-from app.core.tables import Job, Model
+from app.core.tables import Job, ModelFile
 from app.jobs import lifecycle
 
 
 def _jobs(db, team: str, n: int) -> list[str]:
     key, _ = create_key(db, team, "k")
-    model = Model(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
+    model = ModelFile(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
     db.add(model)
     db.flush()
     ids = []

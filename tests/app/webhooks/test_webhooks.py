@@ -9,7 +9,7 @@ from sqlalchemy import select
 from app.core.auth import create_key
 from app.core.config import get_settings
 from app.core.db import new_id, session_scope, utcnow
-from app.core.tables import Job, Model, WebhookDelivery
+from app.core.tables import Job, ModelFile, WebhookDelivery
 from app.webhooks import delivery, targets
 from app.webhooks.signing import verify_webhook
 from testing.webhook_receiver import Receiver
@@ -105,7 +105,7 @@ def test_backoff_doubles_and_is_capped():
 
 def _job(db, url: str, events=("started", "progress", "completed")) -> str:
     key, _ = create_key(db, "hooks-" + new_id("t")[-6:], "k")
-    model = Model(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
+    model = ModelFile(id=new_id("mdl"), team_id=key.team_id, name="m", format="onnx", sha256="0" * 64, size_bytes=1)
     db.add(model)
     db.flush()
     job = Job(id=new_id("job"), team_id=key.team_id, model_id=model.id, recipe={"steps": []}, outputs=["onnx"],
