@@ -40,7 +40,9 @@ def headline(metrics: dict[str, Any] | None, runtime: str | None = None, batch: 
     latency = None
     if point is not None:
         latency = ((compressed.get("latency_ms") or {}).get(point[0]) or {}).get(point[1], {}).get("median")
-    smallest = [s for s in (compressed.get("size_bytes"), compressed.get("safetensors_size_bytes")) if s]
+    # Every output's size where the report has them (output_sizes), else the measured one and the compact one.
+    smallest = [s for s in (compressed.get("size_bytes"), compressed.get("safetensors_size_bytes"),
+                            *(compressed.get("output_sizes") or {}).values()) if s]
     return {
         "size_ratio": max(sizes) if sizes else None,
         "size_bytes": min(smallest) if smallest else None,

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from app.recipes import check_against_format, parse_recipe
 from app.report_schema import validate_report
+from app.reports import headline
 from testing import modelzoo as mz
 from tests.worker.engine.test_quantize import FAST_EVAL, make_job, run_ok
 from worker.engine.job.flags import flag_reasons
@@ -57,6 +58,7 @@ def test_prune_50_with_default_outputs_shrinks_a_resnet(tmp_path, digits):
     assert m["size_ratio_output"] == "safetensors" and m["ratios"]["size"] > 1.5
     sizes = m["compressed"]["output_sizes"]
     assert m["ratios"]["size"] == round(m["original"]["size_bytes"] / min(sizes.values()), 4)
+    assert headline(m)["size_bytes"] == min(sizes.values()) and headline(m)["size_ratio"] == m["ratios"]["size"]
     assert "no_size_reduction" not in m["flags"] and set(m["flags"]) == set(m["flag_reasons"])
 
 
