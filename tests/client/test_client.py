@@ -164,7 +164,7 @@ def test_errors_carry_the_server_code_message_and_fields(api, sq, onnx_file, mon
 def test_jobs_wait_events_stream_rerun(sq, onnx_file, monkeypatch):
     model = sq.upload_model(onnx_file)
     job = sq.create_job(model.id, "prune-50", metadata={"ticket": "ML-1"})
-    assert job.status == "queued" and job.metadata == {"ticket": "ML-1"} and job.outputs == ["onnx"]
+    assert job.status == "queued" and job.metadata == {"ticket": "ML-1"} and job.outputs == ["onnx", "safetensors"]
     assert [j.id for j in sq.list_jobs(status="queued").data] == [job.id]
     assert sq.list_jobs(status="running").data == []
 

@@ -121,7 +121,7 @@ def test_job_submit_validation_idempotency_cancel_events(api):
     first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     assert first.status_code == 202, first.text
     job = first.json()
-    assert job["status"] == "queued" and job["outputs"] == ["onnx"] and job["metadata"] == {"ticket": "ML-1"}
+    assert job["status"] == "queued" and job["outputs"] == ["onnx", "safetensors"] and job["metadata"] == {"ticket": "ML-1"}
     assert job["recipe"]["steps"][0]["sparsity"] == 0.5
     again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.json()["id"] == job["id"]
