@@ -16,7 +16,7 @@ from rich.console import Console
 from squeeze_client import FileOut, JobOut
 from squeeze_client.cli.common import num, signed
 from squeeze_client.cli.summary import print_results, reasons
-from squeeze_client.cli.tables import file_table, jobs_table
+from squeeze_client.cli.tables import file_table, jobs_table, presets_table
 from testing.stack import ROOT
 
 NOW = datetime(2026, 12, 3, 13, 56, tzinfo=timezone.utc)
@@ -82,6 +82,15 @@ def test_lists_fit_80_columns_with_whole_ids():
     assert long.name in "".join(_render(file_table([long], wide=True), width=250))
 
 
+def test_presets_say_what_each_gives_at_80_columns():
+    gives = {"smaller_file": True, "faster": False, "formats": ["input", "safetensors"], "note": "sparse storage"}
+    lines = _render(presets_table([{"name": "prune-50", "description": "Magnitude pruning to 50%.", "gives": gives},
+                                   {"name": "old", "description": "A server before gives."}]))
+    text = " ".join(line.strip(" │|") for line in lines)
+    assert "Gives: smaller file (input, safetensors), not faster: sparse storage" in " ".join(text.split())
+    assert max(len(line) for line in lines) <= 80 and "old" in text
+
+
 def test_no_negative_zero():
     assert num(-0.0, "{:.2f}") == "0.00" and num(-0.001, "{:.2f} pt") == "0.00 pt" and num(-0.5, "{:.1f}") == "-0.5"
     assert signed(-0.0001, "{:+.2f} pt") == "0.00 pt" and signed(0.0, "{:+.2f} pt") == "0.00 pt"
@@ -117,6 +126,10 @@ def test_summary_gives_each_flag_and_odd_figure_its_reason():
     assert "  note, steps[0] quantize: no 'calibration' dataset: calibrated on the 'eval' dataset" in text
     assert "-0.00" not in text and "0.00 pt" in text
     assert max(len(line) for line in text.splitlines() if not line.startswith("  ")) <= 80  # the table
+
+    told = _job(status="succeeded", metrics={**_measured(), "flags": ["no_size_reduction"], "flag_reasons": {
+        "no_size_reduction": "the dense .pt2 stores every zero; add safetensors to outputs"}})
+    assert reasons(told)[0] == "no_size_reduction: the dense .pt2 stores every zero; add safetensors to outputs"
 
     pruned = _job(status="succeeded", recipe={"steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]},
                   metrics={**_measured(macs=2.0, accuracy_drop=0.03), "flags": []})

@@ -10,7 +10,8 @@ from rich.text import Text
 
 from squeeze_client.cli.common import num, signed, size
 
-# What each flag of the report means, in one line; a flag not listed here is shown by its name.
+# What each flag means, in one line, where the report gives no reason of its own (metrics.flag_reasons, which says
+# why for this job: servers before it sent flags alone).
 FLAG_REASONS = {
     "no_size_reduction": "no artifact (compact safetensors included) is 1.05x smaller",
     "no_speedup": "no runtime or batch size is 1.05x faster beyond run-to-run noise",
@@ -103,7 +104,8 @@ def reasons(job) -> list[str]:
     """One line for each flag of the report and for each figure that looks odd without it."""
     m = job.metrics or {}
     comp, ratios = m.get("compressed") or {}, m.get("ratios") or {}
-    lines = [f"{flag}: {FLAG_REASONS[flag]}" if flag in FLAG_REASONS else f"{flag} (see report.json)"
+    given = m.get("flag_reasons") if isinstance(m.get("flag_reasons"), dict) else {}
+    lines = [f"{flag}: {why}" if (why := given.get(flag) or FLAG_REASONS.get(flag)) else f"{flag} (see report.json)"
              for flag in m.get("flags") or []]
     for reason in (_sparsity_reason(comp, job.recipe or {}), _macs_reason(ratios), _accuracy_reason(ratios, comp)):
         if reason:

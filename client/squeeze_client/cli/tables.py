@@ -54,10 +54,21 @@ def jobs_table(rows, wide: bool = False) -> Table:
     return table
 
 
+def _gives(gives: dict | None) -> str:
+    """What a preset delivers, e.g. 'smaller file (input, safetensors), not faster: <note>'."""
+    if not isinstance(gives, dict):
+        return ""
+    size = "smaller file" if gives.get("smaller_file") else "same size"
+    speed = "faster" if gives.get("faster") else "not faster"
+    formats = ", ".join(gives.get("formats") or [])
+    return f"{size}{f' ({formats})' if formats else ''}, {speed}" + (f": {gives['note']}" if gives.get("note") else "")
+
+
 def presets_table(presets: list[dict]) -> Table:
     table = _table("preset", "description", wide=True)  # a description reads whole, wrapped
     for p in presets:
-        table.add_row(p["name"], p["description"])
+        gives = _gives(p.get("gives"))
+        table.add_row(p["name"], p["description"] + (f"\nGives: {gives}" if gives else ""))
     return table
 
 
