@@ -60,5 +60,9 @@ def test_readme_quickstart_runs_against_a_live_server(stack_factory, tmp_path):
     assert [j["status"] for j in jobs] == ["succeeded"]
     assert jobs[0]["id"] in done.stdout  # `squeeze jobs list` showed it
     shipped = {a["name"]: a["sha256"] for a in jobs[0]["artifacts"]}
-    for name in ("model.pt2", "report.json", "report.png"):
+    for name in ("model.pt2", "model.safetensors", "report.json", "report.png"):
         assert hashlib.sha256((here / "out" / name).read_bytes()).hexdigest() == shipped[name], name
+    # the first example looks like success: a smaller file (the compact safetensors), said so
+    metrics = jobs[0]["metrics"]
+    assert metrics["ratios"]["size"] > 1.5 and metrics["size_ratio_output"] == "safetensors", metrics["ratios"]
+    assert "no_size_reduction" not in metrics["flags"]
