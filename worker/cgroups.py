@@ -8,8 +8,10 @@ job at the limit, which counts RSS rather than address space), ``pids`` (process
 whatever their uid) and ``cpu`` (a quota of ``cores`` CPUs). At the end of a job everything left in its
 cgroups is killed (``cgroup.kill`` on v2, SIGKILL of each member on v1) and the cgroups removed.
 
-Where no hierarchy is writable (a container without delegation, a non-root worker) nothing here applies and
-the sandbox runs under rlimits alone; :func:`worker.isolation_probe.describe` says which. Stdlib only.
+A controller is used only once a probe shows the kernel enforces it (a host such as gVisor may take the limits
+and not enforce them). Where no hierarchy is writable and enforced (a container without delegation, a non-root
+worker) nothing here applies and the sandbox runs under rlimits alone; :func:`worker.isolation_probe.describe`
+says which. Stdlib only.
 """
 
 from __future__ import annotations
@@ -234,17 +236,70 @@ def discover(proc_cgroup: str, mountinfo: str) -> list[Hierarchy]:
     return found
 
 
+# A controller counts only once a probe shows the kernel enforces it: some hosts (gVisor) let a cgroup's limits
+# be written and then account without enforcing them; there the sandbox keeps its rlimits instead.
+_PROBES = {
+    "memory": (CgroupLimits(32 << 20, 64, 1.0), "b = bytearray(128 << 20)"),  # touched: must be OOM-killed
+    "pids": (CgroupLimits(1 << 30, 4, 1.0),
+             "import os, sys\nn = 0\nfor _ in range(8):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        import time; time.sleep(2); os._exit(0)\n    n += 1\n"
+             "sys.exit(10 + n)"),  # must stop short of 8 children
+    "cpu": (CgroupLimits(1 << 30, 64, 0.05), "import time\nend = time.monotonic() + 0.3\nwhile time.monotonic() < end:"
+                                            "\n    pass"),  # must be throttled
+}
+
+
+def _enforced(hierarchy: Hierarchy, controller: str) -> bool:
+    """Runs the controller's probe in a cgroup of its own: True when the kernel held the probe to its limit."""
+    import subprocess
+    import sys
+
+    limits, code = _PROBES[controller]
+    only = Hierarchy(hierarchy.version, hierarchy.base, (controller,))
+    try:
+        group = create(f"probe-{os.getpid()}-{controller}", limits, [only])
+    except OSError:
+        return False
+    path = group.dirs[0][1]
+    try:
+        join = f"import sys; open({str(path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", join + code], capture_output=True, timeout=30)
+        if controller == "memory":
+            return proc.returncode != 0 and group.oom_kills() > 0
+        if controller == "pids":
+            return 10 <= proc.returncode < 18
+        return _stat_field(path / "cpu.stat", "nr_throttled") > 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        try:
+            group.close()
+        except OSError:  # the probe's answer stands; a cgroup that cannot be removed is the host's to clear
+            pass
+
+
+def _verified(found: list[Hierarchy]) -> list[Hierarchy]:
+    kept = []
+    for hierarchy in found:
+        controllers = tuple(c for c in hierarchy.controllers if _enforced(hierarchy, c))
+        if controllers:
+            kept.append(Hierarchy(hierarchy.version, hierarchy.base, controllers))
+    return kept
+
+
 _DISCOVERED: list[Hierarchy] | None = None
 
 
 def hierarchies(*, refresh: bool = False) -> list[Hierarchy]:
-    """This host's hierarchies for job cgroups (empty: none writable, rlimits only). Cached."""
+    """This host's hierarchies for job cgroups, each with the controllers it enforces (empty: none, rlimits
+    only). Probed once per process (about a second), then cached."""
     global _DISCOVERED
     if _DISCOVERED is None or refresh:
         try:
-            _DISCOVERED = discover(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+            found = discover(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
         except OSError:
-            _DISCOVERED = []
+            found = []
+        _DISCOVERED = _verified(found)
     return list(_DISCOVERED)
 
 

@@ -239,9 +239,11 @@ _POOL: WarmPool | None = None
 
 
 def start_pool(settings: Settings) -> WarmPool | None:
-    """Starts this process's keeper thread (the worker does, once it is ready); None when SQUEEZE_SANDBOX_WARM
-    is 0."""
+    """Probes the host's cgroups and starts this process's keeper thread (the worker does, once it is ready); None
+    when SQUEEZE_SANDBOX_WARM is 0."""
     global _POOL
+    if settings.sandbox_cgroups and os.geteuid() == 0:
+        cgroups.hierarchies()  # the host's cgroups are probed once, now, rather than on the first job
     if settings.sandbox_warm == 0 or _POOL is not None:
         return _POOL
     _POOL = WarmPool(settings)

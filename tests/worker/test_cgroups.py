@@ -75,6 +75,14 @@ def test_v1_fills_in_what_v2_does_not_offer(tmp_path):
                           cgroups.Hierarchy(1, tmp_path / "pids/a" / cgroups.GROUP_DIR, ("pids",))}
 
 
+def test_limits_a_host_takes_but_does_not_enforce_are_not_used(tmp_path):
+    # A directory of plain files takes every write, like a cgroupfs that accounts without enforcing (gVisor):
+    # the probes run real processes in it and find no controller held them.
+    fake = cgroups.Hierarchy(1, tmp_path / cgroups.GROUP_DIR, cgroups.CONTROLLERS)
+    fake.base.mkdir()
+    assert cgroups._verified([fake]) == []
+
+
 def test_no_cgroup_mount_means_no_hierarchy():
     assert cgroups.discover("0::/\n", "22 1 0:21 / /proc rw - proc proc rw\n") == []
 
