@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,9 +253,6 @@ _PROBES = {
 
 def _enforced(hierarchy: Hierarchy, controller: str) -> bool:
     """Runs the controller's probe in a cgroup of its own: True when the kernel held the probe to its limit."""
-    import subprocess
-    import sys
-
     limits, code = _PROBES[controller]
     only = Hierarchy(hierarchy.version, hierarchy.base, (controller,))
     try:

@@ -3,6 +3,8 @@ no table)."""
 
 from __future__ import annotations
 
+from fastapi import Response
+
 from app.api.schemas import ArtifactOut, FileOut, JobError, JobOut, JobWebhookOut
 from app.core.tables import DatasetFile, Job, ModelFile
 
@@ -27,3 +29,10 @@ def job_out(job: Job) -> JobOut:
 def file_out(row: ModelFile | DatasetFile, kind: str) -> FileOut:
     return FileOut(id=row.id, name=row.name, format=row.format, sha256=row.sha256, size_bytes=row.size_bytes,
                    details=row.details or {}, created_at=row.created_at, url=f"/v1/{kind}/{row.id}/file")
+
+
+def mark_replayed(response: Response, created: bool) -> None:
+    """An Idempotency-Key seen before answers 200 with the first request's resource and says so in a header."""
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from app.api.dependencies import Caller, ReadDb, WriteDb
 from app.api.routes.files import download_response
 from app.api.schemas import EventList, EventOut, JobCreate, JobOut, JobPage, error_responses
-from app.api.views import job_out
+from app.api.views import job_out, mark_replayed
 from app.blobs.store import make_store
 from app.core.auth import Principal
 from app.core.config import get_settings
@@ -29,9 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(4
 def create(body: JobCreate, response: Response, db: WriteDb, principal: Caller,
            idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
     job, created = jobs.create_job(db, get_settings(), principal, body, idempotency_key)
-    if not created:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
+    mark_replayed(response, created)
     return job_out(job)
 
 
@@ -66,9 +64,7 @@ def rerun(job_id: str, response: Response, db: WriteDb, principal: Caller,
           idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
     """A new job with the same model, datasets and recipe; its metadata has `rerun_of`."""
     job, created = jobs.rerun_job(db, get_settings(), principal, job_id, idempotency_key)
-    if not created:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
+    mark_replayed(response, created)
     return job_out(job)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Header, Query, Response
 
 from app.api.dependencies import Caller, ReadDb, WriteDb
-from app.api.schemas import SweepCreate, SweepOut, SweepPage, SweepSummary, error_responses
+from app.api.schemas import (
+    SweepCreate,
+    SweepOut,
+    SweepPage,
+    SweepSummary,
+    error_responses,
+)
+from app.api.views import mark_replayed
 from app.core.config import get_settings
 from app.jobs import sweeps
 from app.recipes import Runtime
@@ -19,9 +26,7 @@ PNG = {200: {"content": {"image/png": {}}}}
 def create(body: SweepCreate, response: Response, db: WriteDb, principal: Caller,
            idempotency_key: str | None = Header(None, max_length=240)) -> SweepOut:
     sweep, created = sweeps.create_sweep(db, get_settings(), principal, body, idempotency_key)
-    if not created:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
+    mark_replayed(response, created)
     return SweepOut(**sweeps.sweep_report(db, sweep))
 
 
