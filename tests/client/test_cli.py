@@ -123,9 +123,12 @@ def test_summary_gives_each_flag_and_odd_figure_its_reason():
     print_results(Console(file=out, width=80, color_system=None, soft_wrap=True, markup=False), job, report)
     text = out.getvalue()
     assert "  note: pt2: exported with a dynamic batch dim\n" in text
-    assert "  note, steps[0] quantize: no 'calibration' dataset: calibrated on the 'eval' dataset" in text
+    flat = " ".join(text.split())  # reasons and notes wrap to the terminal's width
+    assert "note, steps[0] quantize: no 'calibration' dataset: calibrated on the 'eval' dataset" in flat
     assert "-0.00" not in text and "0.00 pt" in text
-    assert max(len(line) for line in text.splitlines() if not line.startswith("  ")) <= 80  # the table
+    assert max(len(line) for line in text.splitlines()) <= 80  # the table, and the reasons wrapped under it
+    size_row = next(line for line in text.splitlines() if line.startswith("│ size "))
+    assert "1.00x" in size_row and "3.90x" not in size_row  # its own file's ratio, not the headline's
 
     told = _job(status="succeeded", metrics={**_measured(), "flags": ["no_size_reduction"], "flag_reasons": {
         "no_size_reduction": "the dense .pt2 stores every zero; add safetensors to outputs"}})

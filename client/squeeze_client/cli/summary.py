@@ -3,6 +3,8 @@ and the guard's verdict, and under the table a one-line reason for each figure t
 
 from __future__ import annotations
 
+import textwrap
+
 from typing import Any
 
 from rich.table import Table
@@ -54,7 +56,9 @@ def results_table(job) -> Table:
     table = Table(title=f"job {job.id}: {job.status}" + (f" ({job.error.code})" if job.error else ""))
     for column in ("", "original", "compressed", "change"):
         table.add_column(column, justify="left" if not column else "right")
-    table.add_row("size", size(orig.get("size_bytes")), size(comp.get("size_bytes")), _ratio(ratios.get("size")))
+    # this row is the job's first output; the headline ratio (ratios.size) may be another's, e.g. the safetensors
+    own = orig["size_bytes"] / comp["size_bytes"] if orig.get("size_bytes") and comp.get("size_bytes") else None
+    table.add_row("size", size(orig.get("size_bytes")), size(comp.get("size_bytes")), _ratio(own))
     if comp.get("safetensors_size_bytes"):
         table.add_row("size (safetensors)", "", size(comp["safetensors_size_bytes"]),
                       _ratio(ratios.get("safetensors_size")))
@@ -125,7 +129,8 @@ def report_notes(report: dict[str, Any] | None) -> list[str]:
 
 
 def print_results(console, job, report: dict[str, Any] | None = None) -> None:
-    """The table, then its reasons and the report's notes (one line each)."""
+    """The table, then its reasons and the report's notes (each wrapped to the terminal)."""
     console.print(results_table(job))
+    width = max(40, min(console.width, 100))
     for line in reasons(job) + report_notes(report):
-        console.print(f"  {line}", highlight=False)
+        console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), highlight=False)

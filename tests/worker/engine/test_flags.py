@@ -38,7 +38,8 @@ def test_flags_and_reasons():
 def test_speedup_inside_the_noise_is_flagged():
     noisy_before = {"latency_ms": {"torch": {"1": {"median": 0.10, "p90": 0.14}}}}
     noisy_after = {"latency_ms": {"torch": {"1": {"median": 0.09, "p90": 0.12}}}}  # 1.11x, but p90 > median
-    assert "no_speedup" in flag_reasons(_measured(1.0, {"torch": {"1": 1.11}}, noisy_before, noisy_after), [], [])
+    noisy = flag_reasons(_measured(1.0, {"torch": {"1": 1.11}}, noisy_before, noisy_after), [], [])
+    assert noisy["no_speedup"] == "the best, 1.11x on torch at batch 1, is within run-to-run noise"
     clear_after = {"latency_ms": {"torch": {"1": {"median": 0.04, "p90": 0.05}}}}
     assert "no_speedup" not in flag_reasons(_measured(1.0, {"torch": {"1": 2.5}}, noisy_before, clear_after), [], [])
 
@@ -78,9 +79,10 @@ def test_every_output_is_sized_and_timed_in_its_runtime(zoo, tmp_path):
 def test_the_schema_checks_flag_reasons(tmp_path, zoo):
     _, report = run_ok(make_job(tmp_path, zoo["onnx"], "onnx", PRUNE, None, {"eval": zoo["eval"]}))
     assert report["outputs"] == ["onnx", "safetensors"] and validate_report(report)
-    assert report["metrics"]["flags"]  # unstructured zeros on dense ONNX Runtime kernels: no_speedup
-    for broken in ({**report["metrics"]["flag_reasons"], "brand_new": "x"}, {f: "" for f in report["metrics"]["flags"]},
-                   "not a dict"):
+    # whether this run's timings raised a flag is noise; the schema is checked on a flag set here
+    report["metrics"]["flags"], report["metrics"]["flag_reasons"] = ["no_speedup"], {"no_speedup": "why"}
+    assert validate_report(report)
+    for broken in ({"no_speedup": "why", "brand_new": "x"}, {"no_speedup": ""}, "not a dict"):
         data = json.loads(json.dumps(report))
         data["metrics"]["flag_reasons"] = broken
         with pytest.raises(ValidationError):
