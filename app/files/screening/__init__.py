@@ -2,12 +2,13 @@
 
 Nothing here deserializes an upload: zips are read through their directory and streamed, pickles
 are walked opcode by opcode with `pickletools.genops` (never executed), ONNX is walked at the
-protobuf wire level, and .npy / safetensors headers and the .pt2 program's JSON are parsed as data.
+protobuf wire level, .npy / safetensors headers, the .pt2 program's JSON and a parquet footer's Thrift are
+parsed as data, and text datasets are decoded as they stream.
 Standard library only: the API process must not import torch or onnx.
 
-One module per format (pt2, onnx_model, package, hf, npz, safetensors_header), the shared parts beside them
-(common, zips, pickles, protobuf, inputs), and child: `screen` runs sniff_model / sniff_dataset in a child
-process with a time budget.
+One module per format (pt2, onnx_model, package, hf, npz, safetensors_header, text, parquet), the shared parts
+beside them (common, zips, pickles, protobuf, inputs), and child: `screen` runs sniff_model / sniff_dataset in a
+child process with a time budget.
 """
 
 from app.files.screening.child import screen

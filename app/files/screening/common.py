@@ -12,7 +12,10 @@ ACCEPTED_MODELS = (
     "a model package (a zip with model.py defining build_model() and weights.safetensors), "
     "or a Hugging Face folder (a zip of config.json + model.safetensors, from save_pretrained)"
 )
-ACCEPTED_DATASETS = "a .npz of numeric arrays (numpy.savez, no object arrays) or a .safetensors file"
+ACCEPTED_DATASETS = (
+    "a .npz of numeric arrays (numpy.savez, no object arrays) or a .safetensors file; for language models, "
+    "UTF-8 text (.txt), JSON Lines with a \"text\" field (.jsonl) or .parquet with a \"text\" column"
+)
 PICKLE_ADVICE = (
     "pickled torch.save files are refused: they execute code when loaded. Export with torch.export.save "
     "(.pt2), torch.onnx.export (.onnx), or upload a model package (zip with model.py + weights.safetensors)"
@@ -43,7 +46,7 @@ class ScreeningError(Exception):
 
 @dataclass
 class Sniffed:
-    kind: Literal["pt2", "onnx", "package", "hf", "npz", "safetensors"]
+    kind: Literal["pt2", "onnx", "package", "hf", "npz", "safetensors", "txt", "jsonl", "parquet"]
     details: dict[str, Any] = field(default_factory=dict)
 
 

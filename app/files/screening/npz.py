@@ -1,4 +1,5 @@
-"""Datasets: a .npz of numeric arrays (each .npy header parsed as a literal, never unpickled) or a .safetensors."""
+"""Datasets: a .npz of numeric arrays (each .npy header parsed as a literal, never unpickled) or a .safetensors; text
+for language models (text.py, parquet.py) is the fallback once every binary format was ruled out."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from app.files.screening.common import (
     truncated,
     unsupported,
 )
+from app.files.screening.parquet import looks_like_parquet, screen_parquet
 from app.files.screening.pickles import looks_like_pickle
 from app.files.screening.safetensors_header import check_safetensors
+from app.files.screening.text import SAMPLE_BYTES, screen_text
 from app.files.screening.zips import check_zip, open_zip
 
 MAX_NPY_HEADER = 10_000  # numpy's own default limit (max_header_size)
@@ -112,9 +115,10 @@ def _screen_npz(path: Path, *, max_unpacked_bytes: int, max_entries: int) -> Sni
 
 
 def sniff_dataset(path: Path, *, max_unpacked_bytes: int, max_entries: int) -> Sniffed:
-    """Recognises and screens an uploaded dataset (.npz or .safetensors); raises ScreeningError when refused."""
+    """Recognises and screens an uploaded dataset (.npz, .safetensors, .parquet, JSON Lines or UTF-8 text, sniffed
+    by content in that order); raises ScreeningError when refused."""
     path = Path(path)
-    head, size = read_head(path, ACCEPTED_DATASETS)
+    head, size = read_head(path, ACCEPTED_DATASETS, SAMPLE_BYTES)
     if is_zip(head):
         return _screen_npz(path, max_unpacked_bytes=max_unpacked_bytes, max_entries=max_entries)
     if looks_like_pickle(head):
@@ -125,4 +129,6 @@ def sniff_dataset(path: Path, *, max_unpacked_bytes: int, max_entries: int) -> S
     if looks_like_safetensors(head, size):
         with open(path, "rb") as f:
             return Sniffed("safetensors", check_safetensors(f, size, "safetensors"))
-    raise unsupported(ACCEPTED_DATASETS)
+    if looks_like_parquet(head):
+        return screen_parquet(path, size)
+    return screen_text(path, head, size)

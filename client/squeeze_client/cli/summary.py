@@ -4,13 +4,13 @@ and the guard's verdict, and under the table a one-line reason for each figure t
 from __future__ import annotations
 
 import textwrap
-
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from squeeze_client.cli.common import num, signed, size
+from squeeze_client.cli.llm_summary import print_llm
 
 # What each flag means, in one line, where the report gives no reason of its own (metrics.flag_reasons, which says
 # why for this job: servers before it sent flags alone).
@@ -129,8 +129,12 @@ def report_notes(report: dict[str, Any] | None) -> list[str]:
 
 
 def print_results(console, job, report: dict[str, Any] | None = None) -> None:
-    """The table, then its reasons and the report's notes (each wrapped to the terminal)."""
+    """The table (and a language model's perplexity and speed, metrics.llm), then its reasons and the report's
+    notes (each wrapped to the terminal)."""
     console.print(results_table(job))
+    llm = (job.metrics or {}).get("llm")
+    if isinstance(llm, dict):
+        print_llm(console, llm)
     width = max(40, min(console.width, 100))
     for line in reasons(job) + report_notes(report):
         console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), highlight=False)
