@@ -132,6 +132,9 @@ def _write_hparams(writer: gguf.GGUFWriter, config, file_type: int, permute: boo
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_file_type(int(file_type))
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     if permute:  # LlamaModel: the rope dimension is the head size
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         writer.add_rope_dimension_count(head_dim)
@@ -219,6 +222,10 @@ def _write_vocab(writer: gguf.GGUFWriter, folder: Path, config) -> None:
     """The tokenizer metadata, as LlamaModel.set_vocab (and Qwen2Model's) choose it from tokenizer.json."""
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model", {})
+    settings_file = folder / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    if config.model_type != "qwen2" and settings.get("add_prefix_space") is not None:  # LlamaModel.set_vocab
+        writer.add_add_space_prefix(bool(settings["add_prefix_space"]))
     if model.get("type") == "BPE" and model.get("byte_fallback") and config.model_type != "qwen2":
         _write_llama_hf_vocab(writer, folder)
     elif model.get("type") == "BPE" and (data.get("decoder") or {}).get("type") == "ByteLevel":
