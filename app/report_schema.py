@@ -64,7 +64,7 @@ class Layer(_Open):
 
 
 class GuardCheck(_Open):
-    bound: Literal["max_accuracy_drop", "min_agreement", "min_speedup", "min_size_ratio"]
+    bound: Literal["max_accuracy_drop", "min_agreement", "min_speedup", "min_size_ratio", "max_perplexity_increase"]
     limit: Number
     measured: Number | None
     passed: bool

@@ -27,6 +27,7 @@ from app.recipes.recipe import (
                                  GuardSpec,
                                  Objective,
                                  Recipe,
+                                 TextSpec,
                                  WeightedObjective,
 )
 from app.recipes.steps import (
@@ -47,6 +48,6 @@ __all__ = [
     "NATIVE_RUNTIME", "OUTPUTS_BY_INPUT", "PRESETS", "QUANTIZE_OUTPUTS", "RUNTIMES_BY_FORMAT", "STEP_SPECS",
     "TRAINING_STEPS", "ChannelPruneSpec", "ClusterSpec", "DistillSpec", "EvaluateSpec", "FinetuneSpec", "GuardSpec",
     "ModelFormat", "Objective", "OutputFormat", "PruneSpec", "QuantizeSpec", "Recipe", "RecipeError", "Runtime", "Step",
-    "StepSpec", "TrainingSpec", "WeightedObjective", "check_against_format", "compact_default_outputs", "field_path",
+    "StepSpec", "TextSpec", "TrainingSpec", "WeightedObjective", "check_against_format", "compact_default_outputs", "field_path",
     "parse_recipe", "quantize_default_outputs", "teacher_model_ids",
 ]

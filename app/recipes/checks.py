@@ -24,8 +24,11 @@ from app.recipes.steps import (
 QUANTIZE_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "static_int8": {"pt2": ("onnx", "pt2"), "package": ("onnx", "pt2"), "hf": ("onnx", "pt2"), "onnx": ("onnx",)},
     "dynamic_int8": {"pt2": ("onnx",), "package": ("onnx", "package"), "hf": ("onnx",), "onnx": ("onnx",)},
-    "weight_int8": {"package": ("package",)},
-    "weight_int4": {"package": ("package",)},
+    # A Hugging Face causal LM: llm-compressor's compressed-tensors folder (vLLM) or GGUF (llama.cpp).
+    "weight_int8": {"package": ("package",), "hf": ("hf", "gguf")},
+    "weight_int4": {"package": ("package",), "hf": ("hf", "gguf")},
+    "w8a8": {"hf": ("hf",)},
+    "fp8": {"hf": ("hf",)},
     "binary": OUTPUTS_BY_INPUT,
 }
 _QUANTIZE_WHY = {
@@ -37,7 +40,11 @@ _QUANTIZE_WHY = {
                    "ask for package",
     "weight_int4": "torchao weight-only int4 is stored in a model package (exported to ONNX it comes out fp32): "
                    "ask for package",
+    "w8a8": "W8A8 (SmoothQuant) is written as a compressed-tensors Hugging Face folder: ask for hf",
+    "fp8": "fp8 is written as a compressed-tensors Hugging Face folder: ask for hf",
 }
+_HF_WEIGHT_WHY = "on a Hugging Face causal LM, weight-only quantization is written as a compressed-tensors folder " \
+                 "(hf, for vLLM and transformers) or GGUF (gguf, for llama.cpp)"
 
 
 def quantize_default_outputs(recipe: Recipe, model_format: str) -> list[str] | None:
@@ -72,18 +79,22 @@ def _quantize_errors(recipe: Recipe, model_format: str, outputs: list[str]) -> l
         field = f"steps[{i}].method"
         possible = QUANTIZE_OUTPUTS[step.method].get(model_format)
         if possible is None:
-            if model_format == "hf":
-                message = (f"{step.method} (torchao) is stored in model packages only so far; for a Hugging Face "
-                           "model use dynamic_int8 (ONNX output) or upload it as a model package")
+            if step.method in ("w8a8", "fp8"):
+                message = f"{step.method} is for Hugging Face causal LMs (upload the model's folder), not {model_format}"
             else:
                 message = (f"{step.method} (torchao) needs an eager model: upload a model package (zip of model.py "
                            f"with build_model() + weights.safetensors), not {model_format}; for ONNX or .pt2 models "
                            "use static_int8 or dynamic_int8")
             errors.append({"field": field, "message": message})
             continue
+        if step.algorithm not in (None, "rtn") and model_format != "hf":
+            errors.append({"field": f"steps[{i}].algorithm", "message": f"{step.algorithm} is for Hugging Face "
+                           f"causal LMs (llm-compressor); on {model_format} weight quantization rounds to nearest"})
+        why = _HF_WEIGHT_WHY if model_format == "hf" and step.method.startswith("weight_") \
+            else _QUANTIZE_WHY.get(step.method, "")
         for j, fmt in enumerate(outputs):
             if fmt not in possible and fmt in OUTPUTS_BY_INPUT[model_format]:
-                errors.append({"field": f"outputs[{j}]", "message": f"steps[{i}]: {_QUANTIZE_WHY[step.method]}; "
+                errors.append({"field": f"outputs[{j}]", "message": f"steps[{i}]: {why}; "
                                                                     f"possible outputs: {list(possible)}"})
     return errors
 
@@ -129,6 +140,10 @@ def check_against_format(recipe: Recipe, model_format: str) -> list[str]:
                                                f"possible outputs: {list(allowed)}"}
         for i, fmt in enumerate(outputs) if fmt not in allowed
     ]
+    errors += [{"field": f"steps[{i}].method", "message": f"{step.method} prunes Hugging Face causal LMs layer by "
+                f"layer from calibration text (llm-compressor), not {model_format}: use method magnitude"}
+               for i, step in enumerate(recipe.steps)
+               if isinstance(step, PruneSpec) and step.method != "magnitude" and model_format != "hf"]
     errors += _quantize_errors(recipe, model_format, outputs)
     if recipe.evaluate.runtimes:
         possible = {rt for fmt in [model_format, *outputs] for rt in RUNTIMES_BY_FORMAT.get(fmt, ())}

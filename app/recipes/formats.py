@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 ModelFormat = Literal["pt2", "onnx", "package", "hf"]
-OutputFormat = Literal["pt2", "onnx", "package", "hf", "safetensors"]
+OutputFormat = Literal["pt2", "onnx", "package", "hf", "safetensors", "gguf"]
 Runtime = Literal["torch", "torch-compile", "onnxruntime"]
 
 # Which output formats each input format can produce. ONNX cannot go back to a torch graph.
@@ -14,7 +14,7 @@ OUTPUTS_BY_INPUT: dict[str, tuple[str, ...]] = {
     "pt2": ("pt2", "onnx", "safetensors"),
     "onnx": ("onnx", "safetensors"),
     "package": ("package", "pt2", "onnx", "safetensors"),
-    "hf": ("hf", "pt2", "onnx", "safetensors"),
+    "hf": ("hf", "pt2", "onnx", "safetensors", "gguf"),  # gguf: causal LMs of the Llama family (docs/llm.md)
 }
 # The runtime a format naturally runs on, used when evaluate.runtimes is not given.
 NATIVE_RUNTIME: dict[str, str] = {"pt2": "torch", "package": "torch", "hf": "torch", "onnx": "onnxruntime"}
@@ -26,4 +26,5 @@ RUNTIMES_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "torch-compile"),
     "onnx": ("onnxruntime",),
     "safetensors": (),  # a storage format: loaded back into a dense model to run
+    "gguf": (),  # llama.cpp's format: reloaded by transformers' GGUF loader to be measured (docs/llm.md)
 }

@@ -65,6 +65,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"type": "quantize", "method": "static_int8"}], "outputs": ["onnx"],
             "evaluate": {"runtimes": ["onnxruntime"]}},
     },
+    "llm-int4": {
+        "description": "Hugging Face causal LMs: GPTQ int4 weights (W4A16) in groups of 128 (or the largest of "
+                       "64/32 that fits the layers), calibrated on the calibration text, written as a "
+                       "compressed-tensors folder (vLLM, transformers); judged by perplexity on the eval text.",
+        "gives": {"smaller_file": True, "faster": False, "formats": ["hf"],
+                  "note": "int4 decoder weights (about 3.5x smaller linear layers; embeddings stay 16-bit): memory "
+                          "and storage; faster only on a runtime with int4 kernels (vLLM on GPU)"},
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "weight_int4", "algorithm": "gptq"}],
+                   "outputs": ["hf"]},
+    },
+    "llm-w8a8": {
+        "description": "Hugging Face causal LMs: SmoothQuant then GPTQ to int8 weights and activations (W8A8), "
+                       "written as a compressed-tensors folder for vLLM's int8 kernels.",
+        "gives": {"smaller_file": True, "faster": False, "formats": ["hf"],
+                  "note": "int8 weights and activations: about 2x smaller linear layers; faster on vLLM's int8 "
+                          "kernels, not in transformers on CPU (it decompresses)"},
+        "recipe": {"version": 1, "steps": [{"type": "quantize", "method": "w8a8"}], "outputs": ["hf"]},
+    },
     "palette-16": {
         "description": "Weight sharing: 16 clusters per layer, stored as codebook + 4-bit indices (safetensors).",
         "gives": {"smaller_file": True, "faster": False, "formats": ["safetensors"],

@@ -26,6 +26,23 @@ class EvaluateSpec(Strict):
         "that is capped, with a note. The steps (training, calibration) always use all of them."))
 
 
+class TextSpec(Strict):
+    """How text datasets (.txt, .jsonl, .parquet) become token windows, by the model's own tokenizer, in the job."""
+
+    seq_len: int = Field(512, ge=8, le=32_768, description="Tokens per window (calibration and perplexity); "
+                                                           "at most the model's context.")
+    packing: bool = Field(True, description="Join the documents (separated by the end-of-text token) and cut "
+                                            "windows from the stream; false: one window per document, truncated, "
+                                            "shorter ones dropped.")
+    eval_tokens: int = Field(4096, ge=8, le=1_000_000, description="Eval tokens perplexity is measured on "
+                                                                   "(from the start of the eval text).")
+    stride: int | None = Field(None, ge=1, le=32_768, description="Perplexity windows start this many tokens "
+                                                                  "apart (default seq_len: no overlap; less "
+                                                                  "scores each token with more context).")
+    generate_tokens: int = Field(32, ge=1, le=1024, description="Tokens generated (greedy, batch 1) to time "
+                                                                "decoding.")
+
+
 class GuardSpec(Strict):
     """Bounds the result must meet; a job that misses one ends `failed` with `guard_failed`, artifacts kept."""
 
@@ -35,6 +52,9 @@ class GuardSpec(Strict):
     min_speedup: float | None = Field(None, gt=0.0, le=10_000.0)
     min_size_ratio: float | None = Field(None, gt=0.0, le=1_000_000.0, description="Original size / result size "
                                                                                    "(the smallest artifact).")
+    max_perplexity_increase: float | None = Field(
+        None, ge=0.0, le=1000.0, description="Causal LMs: relative perplexity increase on the eval text (0.05 = "
+                                             "+5%), the worst output's.")
     runtime: Runtime | None = Field(None, description="Runtime min_speedup is read on (default: the first timed "
                                                       "on both original and result).")
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Batch min_speedup is read at "
@@ -43,7 +63,7 @@ class GuardSpec(Strict):
     @model_validator(mode="after")
     def _has_a_bound(self) -> "GuardSpec":
         if all(v is None for v in (self.max_accuracy_drop, self.min_agreement, self.min_speedup,
-                                   self.min_size_ratio)):
+                                   self.min_size_ratio, self.max_perplexity_increase)):
             raise ValueError("a guard needs at least one bound")
         return self
 
@@ -67,6 +87,10 @@ class Recipe(Strict):
         description="Default: the input model's format. `safetensors` writes compact storage (bitmask + "
                     "values for sparse weights, codebook + packed indices for clustered ones) with a manifest.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    text: TextSpec = Field(default_factory=TextSpec, description="Text datasets: windows and perplexity.")
+    gguf_type: Literal["q8_0", "q4_0", "f16"] | None = Field(
+        None, description="GGUF output's weight type; default from the steps: q4_0 after 4-bit quantization, else "
+                          "q8_0.")
     guard: GuardSpec | None = None
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where training steps run: auto = CUDA when the worker has it (and its settings allow), "

@@ -3,10 +3,19 @@ pass in worker/engine/passes, and what each step needs of the input format."""
 
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 # Caps on every list a recipe holds, so that one job cannot take a worker for hours: timing is batch sizes x
 # repeats x runtimes x models, and each name pattern is matched against every parameter.
@@ -21,27 +30,56 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def matches(pattern: str, name: str) -> bool:
+    """A name pattern: `re:<regex>` (llm-compressor's syntax: re.match on the parameter name, or on its module's
+    name without `.weight`), else fnmatch on the parameter name."""
+    if pattern.startswith("re:"):
+        module = name.removesuffix(".weight")
+        return any(re.match(pattern[3:], n) is not None for n in (name, module))
+    return fnmatchcase(name, pattern)
+
+
 class StepSpec(Strict):
-    """Fields every step has: which modules/parameters it applies to (fnmatch patterns on names)."""
+    """Fields every step has: which modules/parameters it applies to (fnmatch patterns, or `re:` regexes, on
+    parameter names). A pattern that matches no eligible parameter fails the job, naming it (never ignored)."""
 
     targets: list[Pattern] | None = Field(
         None, max_length=MAX_PATTERNS,
-        description="Only parameters whose name matches one of these patterns (default: all eligible)."
+        description="Only parameters whose name matches one of these patterns (default: all eligible). fnmatch "
+                    "(`*.q_proj.weight`) or `re:<regex>` (llm-compressor's syntax, matched at the start of the "
+                    "parameter or module name)."
     )
     ignore: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
-                                  description="Parameters whose name matches are left alone.")
+                                  description="Parameters whose name matches are left alone (same syntax).")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes_compile(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return v
 
     def selects(self, name: str) -> bool:
         """Whether `name` matches a target (every name when targets is None) and no ignore pattern."""
-        return (self.targets is None or any(fnmatchcase(name, p) for p in self.targets)) \
-            and not any(fnmatchcase(name, p) for p in self.ignore)
+        return (self.targets is None or any(matches(p, name) for p in self.targets)) \
+            and not any(matches(p, name) for p in self.ignore)
 
 
 class PruneSpec(StepSpec):
-    """Magnitude pruning: zero the smallest weights (unstructured, or N:M along the input dimension)."""
+    """Pruning that zeroes weights (unstructured, or N:M along the input dimension): `magnitude` zeroes the
+    smallest; `sparsegpt` and `wanda` (Hugging Face causal LMs, llm-compressor) choose by calibration data, layer
+    by layer, and SparseGPT also updates the weights that stay to make up for the ones removed."""
 
     type: Literal["prune"] = "prune"
-    method: Literal["magnitude"] = "magnitude"
+    method: Literal["magnitude", "sparsegpt", "wanda"] = "magnitude"
+    dataset: Literal["calibration", "train", "eval"] = Field(
+        "calibration", description="Calibration text for sparsegpt and wanda (another of the job's datasets if "
+                                   "absent, with a note).")
+    samples: int = Field(64, ge=1, le=100_000, description="Calibration windows (sparsegpt, wanda).")
     sparsity: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="Fraction of eligible weights set to zero. Required for `unstructured`; for an N:M pattern "
@@ -156,7 +194,7 @@ class DistillSpec(TrainingSpec):
         return self.alpha < 1 and not self.hard_labels
 
 
-QuantMethod = Literal["static_int8", "dynamic_int8", "weight_int8", "weight_int4", "binary"]
+QuantMethod = Literal["static_int8", "dynamic_int8", "weight_int8", "weight_int4", "binary", "w8a8", "fp8"]
 KeepFloat = Literal["first", "last", "norm"]
 # Layers kept in float unless `keep_float` says otherwise: the first layer (raw inputs, few input channels: slow
 # and lossy in int8) and the last (the logits) for static int8; the logits for the other int8/int4 methods.
@@ -164,8 +202,10 @@ KeepFloat = Literal["first", "last", "norm"]
 # `binary` keeps nothing by default: its point is storage, and a float first layer would dominate a small model.
 DEFAULT_KEEP_FLOAT: dict[str, tuple[str, ...]] = {
     "static_int8": ("first", "last", "norm"), "dynamic_int8": ("last", "norm"), "weight_int8": ("last", "norm"),
-    "weight_int4": ("last", "norm"), "binary": ("norm",),
+    "weight_int4": ("last", "norm"), "binary": ("norm",), "w8a8": ("last", "norm"), "fp8": ("last", "norm"),
 }
+# Methods for Hugging Face causal LMs only, through llm-compressor (worker/engine/llm/llmc.py).
+LLM_METHODS = ("w8a8", "fp8")
 
 
 class QuantizeSpec(StepSpec):
@@ -180,7 +220,18 @@ class QuantizeSpec(StepSpec):
     method: QuantMethod = "static_int8"
     dataset: Literal["calibration", "train", "eval"] = Field(
         "calibration", description="Calibration data for static_int8 (another of the job's datasets if absent).")
-    samples: int = Field(256, ge=1, le=100_000, description="Calibration samples used (static_int8).")
+    samples: int | None = Field(
+        None, ge=1, le=100_000, description="Calibration samples used: static_int8 (default 256) and the "
+                                            "calibrating LLM algorithms (gptq, awq, w8a8: default 64 windows of "
+                                            "`text.seq_len` tokens).")
+    algorithm: Literal["rtn", "gptq", "awq"] | None = Field(
+        None, description="weight_int4/weight_int8 on a Hugging Face causal LM (llm-compressor): rtn rounds each "
+                          "weight to the nearest level (no data); gptq corrects the rounding error layer by layer "
+                          "from calibration data; awq scales salient channels first. Default: rtn. Other models: "
+                          "rtn only (torchao).")
+    symmetric: bool = Field(True, description="LLM weight quantization: symmetric levels (else zero-point).")
+    act_order: bool = Field(False, description="gptq: quantize columns in order of activation size.")
+    smoothing_strength: float = Field(0.8, gt=0.0, lt=1.0, description="w8a8: SmoothQuant's migration strength.")
     calibration: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="How activation ranges are chosen from the calibration data (static_int8).")
     per_channel: bool = Field(True, description="One weight scale per output channel (else one per tensor).")
@@ -197,12 +248,19 @@ class QuantizeSpec(StepSpec):
 
     @model_validator(mode="after")
     def _group_size_fits(self) -> "QuantizeSpec":
+        if self.algorithm not in (None, "rtn") and self.method not in ("weight_int4", "weight_int8"):
+            raise ValueError(f"algorithm {self.algorithm} applies to weight_int4 and weight_int8 (w8a8 runs "
+                             "SmoothQuant + GPTQ itself)")
         if self.group_size is not None:
             if self.method not in ("weight_int4", "weight_int8"):
                 raise ValueError("group_size applies to weight_int4 and weight_int8 only")
             if self.group_size not in (16, 32, 64, 128, 256):
                 raise ValueError("group_size must be one of 16, 32, 64, 128, 256")
         return self
+
+    @property
+    def calibration_samples(self) -> int:
+        return self.samples or (256 if self.method == "static_int8" else 64)
 
     @property
     def kept_kinds(self) -> tuple[str, ...]:

@@ -89,6 +89,9 @@ def check_guard(guard: GuardSpec | None, metrics: dict[str, Any]) -> dict[str, A
     add("min_speedup", guard.min_speedup, head["speedup"], True,
         f"a speed-up{where or ' (no runtime timed both original and result)'}")
     add("min_size_ratio", guard.min_size_ratio, head["size_ratio"], True, "the size ratio")
+    add("max_perplexity_increase", guard.max_perplexity_increase,
+        ((metrics or {}).get("llm") or {}).get("perplexity_increase"), False,
+        "perplexity (needs a causal LM and an eval text)")
     for c in checks:
         if c["bound"] == "min_speedup" and head["runtime"]:
             c["runtime"], c["batch_size"] = head["runtime"], head["batch_size"]

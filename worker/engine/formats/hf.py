@@ -18,24 +18,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.engine.errors import EngineError
+from worker.engine.errors import EngineError, blame
 from worker.engine.formats import _torch
-from worker.engine.formats.base import InputSpec, LoadedModel, ModelFormat, Runner, WeightRef, register
+from worker.engine.formats.base import (
+    InputSpec,
+    LoadedModel,
+    ModelFormat,
+    Runner,
+    WeightRef,
+    register,
+)
 from worker.engine.formats.package import _extract_checked
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _counter = itertools.count()
+DEFAULT_SEQ_LEN = 128  # tokens per row when a model is timed without a dataset
 # MLP up-projections: the only layers channel pruning may cut (their width is config.intermediate_size).
 _MLP_UP = ("intermediate.dense",)
 
 
 def _auto_classes() -> list[Any]:
     """The allowlist of auto classes a config may resolve through, most specific first."""
-    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
-    return [AutoModelForSequenceClassification, AutoModelForImageClassification, AutoModel]
+    return [AutoModelForSequenceClassification, AutoModelForImageClassification, AutoModelForCausalLM, AutoModel]
 
 
 def _find_folder(root: Path) -> Path:
@@ -82,7 +95,13 @@ def _model_class(config: Any) -> tuple[Any, str]:
         if wanted is None or cls.__name__ == wanted:
             return auto, cls.__name__
     raise EngineError("unsupported", f"architecture {wanted!r} ({config.model_type}) is not one of the supported "
-                                     "auto classes (sequence classification, image classification, base model)")
+                                     "auto classes (sequence classification, image classification, causal LM, base "
+                                     "model)")
+
+
+def is_causal_lm(model: LoadedModel) -> bool:
+    """A Hugging Face decoder LM (built through AutoModelForCausalLM): judged by perplexity (worker/engine/llm)."""
+    return model.format == "hf" and bool(model.extra.get("causal_lm"))
 
 
 def _state_from(folder: Path) -> dict[str, torch.Tensor]:
@@ -167,16 +186,25 @@ class HFFormat(ModelFormat):
         try:
             config = _read_config(folder)
             auto, cls_name = _model_class(config)
-            net = auto.from_config(config)
+            net = None if getattr(config, "quantization_config", None) else auto.from_config(config)
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError("bad_model", f"cannot build the model from {CONFIG}: {type(exc).__name__}: "
                                            f"{exc}") from exc
-        _load_state(net, _state_from(folder))
+        if net is None:  # a compressed-tensors folder (written by llm-compressor): transformers decompresses it
+            from worker.engine.llm.llmc import load_compressed
+
+            with blame("bad_model", "cannot load the compressed-tensors folder"):
+                net = load_compressed(folder)
+        else:
+            _load_state(net, _state_from(folder))
         net.eval()
+        from transformers import AutoModelForCausalLM
+
         return LoadedModel(format=self.name, path=path, handle=net,
-                           extra={"folder": folder, "architecture": cls_name})
+                           extra={"folder": folder, "architecture": cls_name,
+                                  "causal_lm": auto is AutoModelForCausalLM})
 
     def save(self, model: LoadedModel, path: Path) -> None:
         from transformers.utils import logging as hf_logging
@@ -193,7 +221,13 @@ class HFFormat(ModelFormat):
 
             shutil.rmtree(out)
         sync_config(net)
-        net.save_pretrained(str(out), safe_serialization=True)
+        if model.extra.get("llmc"):  # llm-compressor's steps: packed weights + quantization_config (vLLM loads it)
+            from worker.engine.llm.llmc import save_compressed
+
+            save_compressed(net, out)
+        else:
+            net.save_pretrained(str(out), safe_serialization=True)
+        _copy_tokenizer(model.extra.get("folder"), out)
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for f in sorted(out.iterdir()):
                 if f.is_file():
@@ -206,6 +240,13 @@ class HFFormat(ModelFormat):
         if target == self.name:
             self.save(model, path)
             return []
+        if target == "gguf":
+            from worker.engine.llm.gguf_io import write_gguf
+
+            if not is_causal_lm(model):
+                raise EngineError("unsupported", "GGUF (llama.cpp) holds causal LMs; this Hugging Face model is "
+                                                 f"a {model.extra.get('architecture')}")
+            return write_gguf(model.handle, model.extra.get("folder"), path, model.extra.get("gguf_type", "q8_0"))
         if examples is None:
             raise EngineError("bad_dataset", f"writing a Hugging Face model as {target} needs example input_ids: "
                                              "give an eval dataset")
@@ -220,8 +261,12 @@ class HFFormat(ModelFormat):
         raise EngineError("unsupported", f"a Hugging Face model cannot be written as {target}")
 
     def eligible_weights(self, model: LoadedModel) -> list[WeightRef]:
-        """Linear weights (attention q/k/v/out, MLP, pooler, classifier); not embeddings or layer norms."""
+        """Linear weights (attention q/k/v/out, MLP, pooler, classifier); not embeddings or layer norms. A causal
+        LM's output head (lm_head, often the embedding matrix itself) is left out, as llm-compressor does."""
         refs, seen = [], set()
+        head = model.handle.get_output_embeddings() if is_causal_lm(model) else None
+        if head is not None:
+            seen.add(id(head.weight))
         for mod_name, mod in model.handle.named_modules():
             w = getattr(mod, "weight", None)
             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.nn.Parameter) \
@@ -236,6 +281,15 @@ class HFFormat(ModelFormat):
     def input_specs(self, model: LoadedModel) -> list[InputSpec] | None:
         # Sequence length is free (up to max_position_embeddings): datasets decide it.
         return [InputSpec("input_ids", (None, None), np.dtype(np.int64))]
+
+    def default_inputs(self, model: LoadedModel, batch: int, seq_len: int = DEFAULT_SEQ_LEN) -> list[np.ndarray]:
+        """Random token ids for timing a model given no dataset: `batch` rows of min(seq_len, context) tokens."""
+        config = model.handle.config
+        context = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(
+            v := getattr(config, k, None), int) and v > 0), seq_len)
+        vocab = int(getattr(config, "vocab_size", None) or 2)
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, vocab, size=(batch, min(seq_len, context)), dtype=np.int64)]
 
     def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
         return _torch.module_runner(model.handle, threads, runtime)
@@ -265,6 +319,17 @@ class HFFormat(ModelFormat):
     def after_channel_prune(self, model: LoadedModel) -> list[str]:
         """Write the new widths into the config so save_pretrained + from_pretrained rebuild this architecture."""
         return sync_config(model.handle)
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> None:
+    """The uploaded folder's tokenizer files into the written one, so it runs as it came (vLLM, llama.cpp)."""
+    import shutil
+
+    from worker.engine.text import TOKENIZER_FILES
+
+    for name in (*TOKENIZER_FILES, "generation_config.json") if source else ():
+        if (source / name).is_file() and not (out / name).exists():
+            shutil.copyfile(source / name, out / name)
 
 
 def sync_config(net: torch.nn.Module) -> list[str]:

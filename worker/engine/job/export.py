@@ -16,7 +16,7 @@ from worker.engine.job.measure_original import Original
 from worker.engine.pipeline import AppliedStep
 
 ARTIFACT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "package": "model.zip", "hf": "model-hf.zip",
-                  "safetensors": "model.safetensors"}
+                  "safetensors": "model.safetensors", "gguf": "model.gguf"}
 
 
 def export(job: JobContext, loaded: Loaded, original: Original, applied: list[AppliedStep]) -> list[dict]:

@@ -26,6 +26,7 @@ class Result:
     stats: dict[str, Any]  # the result as measured (metrics' "compressed")
     layers_after: dict[str, Any]
     compact: dict | None  # the safetensors artifact, if written
+    llm: dict[str, Any] | None = None  # a causal LM's perplexity and generation speed (worker/engine/job/measure_llm.py)
 
 
 def measure_result(job: JobContext, loaded: Loaded, original: Original, artifacts: list[dict]) -> Result:

@@ -46,6 +46,8 @@ def result_metrics(original: Original, result: Result, layers: list[dict], steps
     best = min(sizes, key=lambda fmt: sizes[fmt])
     out["ratios"]["size"] = round(before["size_bytes"] / sizes[best], 4) if sizes[best] else None
     out["size_ratio_output"] = best
+    if result.llm is not None:
+        out["llm"] = result.llm
     reasons = flag_reasons(out, steps, outputs)
     out["flags"], out["flag_reasons"] = list(reasons), reasons
     return out

@@ -7,6 +7,8 @@ import torch
 from app.recipes import PruneSpec
 from worker.engine.errors import EngineError
 from worker.engine.formats.base import LoadedModel, WeightRef
+from worker.engine.formats.hf import is_causal_lm
+from worker.engine.llm.steps import apply_llm_step
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
 from worker.engine.shared.selection import selected_weights
 
@@ -229,6 +231,11 @@ def _prune_nm(model: LoadedModel, spec: PruneSpec, ctx: StepContext, eligible: l
 @register(PruneSpec)
 class MagnitudePrune(Pass):
     def apply(self, model: LoadedModel, spec: PruneSpec, ctx: StepContext) -> StepReport:
+        if spec.method != "magnitude":
+            if not is_causal_lm(model):
+                raise EngineError("unsupported", f"steps[{ctx.index}]: {spec.method} prunes Hugging Face causal LMs "
+                                                 "from calibration text; use method magnitude for this model")
+            return apply_llm_step(model, spec, ctx)
         eligible, refs = selected_weights(model, spec, ctx.index)
         if spec.pattern != "unstructured":
             return _prune_nm(model, spec, ctx, eligible, refs)

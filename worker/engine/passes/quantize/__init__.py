@@ -32,9 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from app.recipes import QuantizeSpec
+from app.recipes.steps import LLM_METHODS
 from worker.engine.errors import EngineError
 from worker.engine.formats import get_format
 from worker.engine.formats.base import LoadedModel
+from worker.engine.formats.hf import is_causal_lm
+from worker.engine.llm.steps import apply_llm_step
 from worker.engine.passes.base import Pass, StepContext, StepReport, register
 from worker.engine.passes.quantize.layers import boundary_layers, model_inputs, sparsity
 from worker.engine.passes.quantize.methods import METHODS, QuantTask, handler_for
@@ -43,6 +46,9 @@ from worker.engine.shared.data import data_source, dataset_arrays
 from worker.engine.shared.selection import select
 
 __all__ = ["METHODS", "Quantize"]
+# Methods a causal LM is quantized by through llm-compressor (worker/engine/llm/steps.py); static_int8,
+# dynamic_int8 and binary keep their own handlers.
+LLM_CAPABLE = ("weight_int4", "weight_int8", *LLM_METHODS)
 
 
 def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes: list[str]
@@ -56,7 +62,7 @@ def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes
         notes.append(f"no {spec.dataset!r} dataset: calibrated on the {name!r} dataset"
                      + (" (the data that measures accuracy: the figures may flatter the result)" if name == "eval"
                         else ""))
-    arrays = [a[: spec.samples] for a in dataset_arrays(model, data)]
+    arrays = [a[: spec.calibration_samples] for a in dataset_arrays(model, data)]
     notes.append(f"calibrated on {arrays[0].shape[0]} samples of the {name!r} dataset ({spec.calibration})")
     return arrays, name
 
@@ -70,6 +76,11 @@ class Quantize(Pass):
     def apply(self, model: LoadedModel, spec: QuantizeSpec, ctx: StepContext) -> StepReport:
         if model.extra.get("quantized") or any(isinstance(p, Quantize) and p.plan is not None for p in ctx.earlier):
             raise EngineError("unsupported", f"steps[{ctx.index}]: the model is already quantized")
+        if is_causal_lm(model) and spec.method in LLM_CAPABLE:
+            return apply_llm_step(model, spec, ctx)
+        if spec.method in LLM_METHODS or spec.algorithm not in (None, "rtn"):
+            raise EngineError("unsupported", f"steps[{ctx.index}]: {spec.algorithm or spec.method} is for Hugging "
+                                             "Face causal LMs (llm-compressor); this model is not one")
         task = _task(model, spec, ctx)
         ctx.progress(0.1, f"{spec.method}: {len(task.targets)} layer(s)")
         done = handler_for(spec.method).quantize(task)
@@ -94,7 +105,7 @@ def _task(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext) -> QuantTask
     """The layers to quantize, those kept float (and why), calibration data, as the method handler gets them."""
     notes: list[str] = []
     eligible = get_format(model.format).eligible_weights(model)
-    selected = select(eligible, spec)
+    selected = select(eligible, spec, ctx.index)
     kept: dict[str, str] = {r.name: "not selected by targets/ignore" for r in eligible if r not in selected}
     calibration, calibration_dataset = _calibration(model, spec, ctx, notes) if spec.method == "static_int8" \
         else (None, None)

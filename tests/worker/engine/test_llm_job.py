@@ -1,0 +1,166 @@
+"""Causal LM jobs in the sandbox: text datasets tokenized by the model's tokenizer, llm-compressor steps, the
+compressed-tensors and GGUF outputs reloaded and scored by perplexity, the guard on perplexity, patterns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from testing.llm_assets import text_split, tiny_llama_folder, zip_folder
+from tests.worker.engine.test_sandbox import final, run_sandbox
+from worker.engine.errors import EngineError
+
+pytestmark = pytest.mark.slow
+TEXT = {"seq_len": 64, "eval_tokens": 512, "generate_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lm")
+    calibration, evaluation = text_split(100_000, 12_000)
+    folder = train_briefly(tiny_llama_folder(root / "tiny", hidden=64, layers=2), calibration)
+    (root / "calibration.txt").write_text(calibration, encoding="utf-8")
+    (root / "eval.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in evaluation.split("\n\n")),
+                                     encoding="utf-8")
+    return {"folder": folder, "zip": zip_folder(folder, root / "tiny.zip"), "calibration": root / "calibration.txt",
+            "eval": root / "eval.jsonl"}
+
+
+def train_briefly(folder: Path, text: str, steps: int = 200) -> Path:
+    """The tiny LM trained for a few seconds on `text`, so that its perplexity means something (a random LM's
+    is about its vocabulary size, and pruning it changes little); saved back into the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+def _job(tmp_path: Path, lm: dict, recipe: dict, datasets=("calibration", "eval")) -> Path:
+    job = tmp_path / "job"
+    (job / "inputs").mkdir(parents=True)
+    shutil.copy(lm["zip"], job / "inputs" / "model.zip")
+    rel = {}
+    for role in datasets:
+        src = lm[role]
+        rel[role] = f"inputs/{role}{src.suffix}"
+        shutil.copy(src, job / rel[role])
+    recipe = {"text": TEXT, "evaluate": {"repeats": 2, "warmup": 1}, **recipe}
+    spec = {"job_id": "job-lm", "model": {"path": "inputs/model.zip", "format": "hf"}, "recipe": recipe,
+            "outputs": recipe.get("outputs") or ["hf"], "datasets": rel, "threads": 2}
+    (job / "job.json").write_text(json.dumps(spec))
+    return job
+
+
+def test_gptq_int4_job_writes_compressed_tensors_and_gguf_scored_by_perplexity(lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    job = _job(tmp_path, lm, {"steps": [{"type": "quantize", "method": "weight_int4", "algorithm": "gptq",
+                                         "group_size": 32}], "outputs": ["hf", "gguf"],
+                              "guard": {"max_perplexity_increase": 0.5}})
+    rc, lines, err = run_sandbox(job)
+    assert rc == 0, err[-3000:]
+    result = final(lines)
+    m = result["metrics"]
+    llm = m["llm"]
+    assert llm["eval"]["dataset"] == "eval" and llm["eval"]["seq_len"] == 64 and llm["eval"]["tokens"] >= 500
+    assert set(llm["outputs"]) == {"hf", "gguf"}
+    base = llm["original"]["perplexity"]
+    for fmt, scored in llm["outputs"].items():
+        assert scored["perplexity"] > 0 and scored["perplexity"] != base, fmt  # measured on the reloaded file
+        assert 0 < scored["agreement"] <= 1 and scored["decode_tokens_per_s"] > 0
+    assert llm["perplexity_increase"] == pytest.approx(
+        max(s["perplexity"] for s in llm["outputs"].values()) / base - 1, abs=1e-5)
+    step = json.loads((job / "out" / "report.json").read_text())["steps"][0]
+    assert step["algorithm"] == "gptq" and step["layers_changed"] == 14  # 7 linears x 2 layers; lm_head kept
+    assert all(layer["bits"] == 4 for layer in step["layers"] if layer["changed"])
+    # The compressed-tensors folder: packed int4, reloaded by transformers on its own, with the tokenizer.
+    folder = tmp_path / "hf"
+    with zipfile.ZipFile(job / "out" / "model-hf.zip") as zf:
+        zf.extractall(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert (folder / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    assert model.config.vocab_size > 0
+    float_size = (lm["folder"] / "model.safetensors").stat().st_size
+    assert m["compressed"]["output_sizes"]["gguf"] < float_size
+
+
+def test_guard_fails_on_perplexity_and_seq_len_above_context_is_refused(lm, tmp_path):
+    job = _job(tmp_path, lm, {"steps": [{"type": "prune", "sparsity": 0.9}],
+                              "guard": {"max_perplexity_increase": 0.0001}, "outputs": ["hf"]})
+    rc, lines, err = run_sandbox(job)
+    assert rc == 0, err[-3000:]
+    report = json.loads((job / "out" / "report.json").read_text())
+    guard, check = report["guard"], report["guard"]["checks"][0]
+    assert not guard["passed"], report["metrics"]["llm"] and check["bound"] == "max_perplexity_increase" and check["measured"] > 0.0001
+
+    long = _job(tmp_path / "long", lm, {"steps": [{"type": "prune", "sparsity": 0.5}],
+                                        "text": {**TEXT, "seq_len": 4096}})
+    rc, lines, err = run_sandbox(long)
+    error = final(lines)
+    assert error["type"] == "error" and error["code"] == "bad_dataset", error
+    assert "above the model's context of 2048" in error["message"]
+
+
+def test_patterns_re_and_unmatched(lm, tmp_path):
+    from app.recipes import PruneSpec
+    from worker.engine.formats import get_format
+    from worker.engine.passes import StepContext, pass_for
+
+    fmt = get_format("hf")
+    model = fmt.load(lm["zip"], tmp_path)
+    spec = PruneSpec(sparsity=0.5, targets=["re:.*mlp\\..*_proj"], ignore=["*.down_proj.weight"])
+    report = pass_for(spec).apply(model, spec, StepContext(index=0))
+    pruned = {layer["name"] for layer in report["layers"]}
+    assert pruned == {f"model.layers.{i}.mlp.{p}_proj.weight" for i in range(2) for p in ("gate", "up")}
+    bad = PruneSpec(sparsity=0.5, ignore=["re:.*embeddings.*"])
+    with pytest.raises(EngineError) as err:
+        pass_for(bad).apply(fmt.load(lm["zip"], tmp_path), bad, StepContext(index=3))
+    assert err.value.code == "no_effect" and "steps[3]: ignore pattern 're:.*embeddings.*'" in err.value.message
+    assert "lm_head.weight" not in {r.name for r in fmt.eligible_weights(model)}  # the output head is not pruned
+
+
+def test_text_readers_and_windows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.recipes import TextSpec
+    from testing.llm_assets import save_tiny_tokenizer
+    from worker.engine.text import load_tokenizer, read_text, tokenize
+
+    save_tiny_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    pq.write_table(pa.table({"text": ["def f(x):\n    return x", "class A: pass"] * 40}), tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n\n{"text": "the quick brown fox"}\n')
+    (tmp_path / "bad.txt").write_bytes("caf\xe9".encode("latin-1"))
+    raw = read_text(tmp_path / "d.parquet", "calibration")
+    assert raw.kind == "parquet" and len(raw.documents) == 80
+    data = tokenize(raw, tokenizer, TextSpec(seq_len=16), context=2048)
+    windows = data.inputs["input_ids"]
+    assert windows.shape[1] == 16 and windows.dtype == np.int64
+    assert windows.size == (len(data.stream) // 16) * 16 and tokenizer.eos_token_id in data.stream
+    assert read_text(tmp_path / "d.jsonl", "eval").documents == ["hello world", "the quick brown fox"]
+    with pytest.raises(EngineError, match="not UTF-8"):
+        read_text(tmp_path / "bad.txt", "eval")
+    with pytest.raises(EngineError, match="not one window"):
+        tokenize(read_text(tmp_path / "d.jsonl", "eval"), tokenizer, TextSpec(seq_len=512), context=2048)

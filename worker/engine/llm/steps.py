@@ -1,0 +1,116 @@
+"""Recipe steps on a causal LM through llm-compressor (llmc.py): `quantize` weight_int4/weight_int8 with
+algorithm rtn | gptq | awq, w8a8 (SmoothQuant + GPTQ) and fp8; `prune` sparsegpt | wanda. The prune and quantize
+passes call `apply_llm_step`; it turns the spec into an LlmcStep, picks the calibration windows, applies it in
+place and writes the step report (per layer: shape, sparsity before/after, bits)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.recipes import PruneSpec, QuantizeSpec
+from worker.engine.errors import EngineError
+from worker.engine.formats import get_format
+from worker.engine.formats.base import LoadedModel
+from worker.engine.passes.base import StepContext, StepReport
+from worker.engine.shared.data import data_source
+from worker.engine.shared.selection import select
+
+CALIBRATING = ("gptq", "awq", "w8a8", "sparsegpt", "wanda")
+GROUPS = (128, 64, 32)  # the default group size: the largest that divides every target layer's input width
+
+
+def llmc_step(spec: PruneSpec | QuantizeSpec, modules: list[str], widths: list[int], notes: list[str]):
+    """The LlmcStep for a recipe step, targeting exactly `modules` (their input widths: `widths`)."""
+    from worker.engine.llm.llmc import LlmcStep
+
+    targets = [f"re:^{re.escape(m)}$" for m in modules]
+    if isinstance(spec, PruneSpec):
+        return LlmcStep(kind=spec.method, sparsity=spec.sparsity,
+                        mask_structure="0:0" if spec.pattern == "unstructured" else spec.pattern,
+                        targets=targets, ignore=[])
+    if spec.method in ("w8a8", "fp8"):
+        return LlmcStep(kind=spec.method, bits=8, group_size=None, smoothing_strength=spec.smoothing_strength,
+                        targets=targets, ignore=[])
+    bits = 4 if spec.method == "weight_int4" else 8
+    group = spec.group_size if spec.group_size is not None or bits == 8 else _default_group(widths, notes)
+    return LlmcStep(kind=spec.algorithm or "rtn", bits=bits, group_size=group, symmetric=spec.symmetric,
+                    act_order=spec.act_order, targets=targets, ignore=[])
+
+
+def _default_group(widths: list[int], notes: list[str]) -> int:
+    for group in GROUPS:
+        if all(w % group == 0 for w in widths):
+            if group != GROUPS[0]:
+                notes.append(f"group_size {group}: the largest of {list(GROUPS)} that divides every quantized "
+                             f"layer's input width ({sorted(set(widths))[:6]})")
+            return group
+    raise EngineError("unsupported", f"no group size of {list(GROUPS)} divides every layer's input width "
+                                     f"({sorted(set(widths))[:6]}): set group_size, or ignore the odd layers")
+
+
+def _calibration(spec, ctx: StepContext, kind: str, notes: list[str]) -> np.ndarray | None:
+    if kind not in CALIBRATING:
+        return None
+    data, name = data_source(ctx.datasets, spec.dataset)
+    if data is None:
+        raise EngineError("bad_dataset", f"steps[{ctx.index}]: {kind} calibrates on text: give a calibration "
+                                         "dataset (.txt, .jsonl or .parquet; rtn needs none)")
+    if name != spec.dataset:
+        notes.append(f"no {spec.dataset!r} dataset: calibrated on the {name!r} dataset"
+                     + (" (the text perplexity is measured on: the figures may flatter the result)"
+                        if name == "eval" else ""))
+    windows = next(iter(data.inputs.values()))
+    samples = spec.calibration_samples if isinstance(spec, QuantizeSpec) else spec.samples
+    return np.ascontiguousarray(windows[:samples]).astype(np.int64)
+
+
+def apply_llm_step(model: LoadedModel, spec: PruneSpec | QuantizeSpec, ctx: StepContext) -> StepReport:
+    from worker.engine.llm.llmc import apply_llmc
+
+    fmt = get_format(model.format)
+    eligible = fmt.eligible_weights(model)
+    selected = select(eligible, spec, ctx.index)
+    if not selected:
+        raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
+                                       f"ignore={spec.ignore}")
+    before = {r.name: r.read().detach().clone() for r in eligible}
+    notes: list[str] = []
+    modules = [r.name.removesuffix(".weight") for r in selected]
+    step = llmc_step(spec, modules, [int(r.shape[-1]) for r in selected], notes)
+    calibration = _calibration(spec, ctx, step.kind, notes)
+    tokens = None if calibration is None else torch.from_numpy(calibration)
+    report = apply_llmc(model.handle, step, tokens, ctx.workdir / f"llmc-{ctx.index}", ctx.progress)
+    model.extra["llmc"] = True
+    if step.kind in ("rtn", "gptq", "awq"):
+        model.extra.setdefault("weight_bits", step.bits)
+    return _report(model, spec, step, report, before, notes)
+
+
+def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, notes: list[str]) -> StepReport:
+    changed = set(llmc.get("modules") or [])
+    bits = 16 if step.kind in ("sparsegpt", "wanda") else step.bits
+    layers = []
+    for ref in get_format(model.format).eligible_weights(model):
+        module = ref.name.removesuffix(".weight")
+        now = ref.read()
+        layers.append({"name": ref.name, "shape": list(ref.shape),
+                       "sparsity_before": _sparsity(before[ref.name]), "sparsity_after": _sparsity(now),
+                       "bits": bits if module in changed and step.kind not in ("sparsegpt", "wanda") else 32,
+                       "changed": module in changed})
+    if not changed:
+        raise EngineError("no_effect", f"{step.kind} changed no layer")
+    base = {"type": spec.type, "method": spec.method, "layers": layers, "library": llmc.get("library"),
+            "algorithm": step.kind, "scheme": llmc.get("scheme"), "layers_changed": len(changed),
+            "calibration": llmc.get("calibration"), "pipeline": llmc.get("pipeline"),
+            "peak_rss_mb": llmc.get("peak_rss_mb"), "notes": [*notes, *(llmc.get("notes") or [])]}
+    if isinstance(spec, PruneSpec):
+        return {**base, "pattern": spec.pattern, "target_sparsity": spec.sparsity}
+    return {**base, "group_size": step.group_size, "symmetric": step.symmetric, "act_order": step.act_order}
+
+
+def _sparsity(t: torch.Tensor) -> float:
+    return round(float((t == 0).sum()) / max(1, t.numel()), 6)
