@@ -15,13 +15,8 @@ pytest.importorskip("llmcompressor")
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from worker.engine.errors import EngineError
-from worker.engine.llm.llmc import (
-    LlmcStep,
-    apply_llmc,
-    load_compressed,
-    match_modules,
-    save_compressed,
-)
+from worker.engine.llm.compressed import load_compressed, save_compressed
+from worker.engine.llm.llmc import LlmcStep, apply_llmc, match_modules
 
 VOCAB = 512
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -193,7 +193,7 @@ class HFFormat(ModelFormat):
             raise EngineError("bad_model", f"cannot build the model from {CONFIG}: {type(exc).__name__}: "
                                            f"{exc}") from exc
         if net is None:  # a compressed-tensors folder (written by llm-compressor): transformers decompresses it
-            from worker.engine.llm.llmc import load_compressed
+            from worker.engine.llm.compressed import load_compressed
 
             with blame("bad_model", "cannot load the compressed-tensors folder"):
                 net = load_compressed(folder)
@@ -222,7 +222,7 @@ class HFFormat(ModelFormat):
             shutil.rmtree(out)
         sync_config(net)
         if model.extra.get("llmc"):  # llm-compressor's steps: packed weights + quantization_config (vLLM loads it)
-            from worker.engine.llm.llmc import save_compressed
+            from worker.engine.llm.compressed import save_compressed
 
             save_compressed(net, out)
         else:

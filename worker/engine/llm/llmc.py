@@ -1,8 +1,8 @@
 """The llm-compressor adapter: GPTQ, AWQ, RTN, SmoothQuant W8A8, FP8, SparseGPT and Wanda on an in-memory causal LM.
 
 One `LlmcStep` becomes an llm-compressor recipe (its real modifiers), run by `oneshot` on the model in place with
-calibration token ids given as an in-memory dataset; `save_compressed` writes the compressed-tensors folder that
-vLLM loads and `load_compressed` reads it back. Everything llm-compressor writes goes under the caller's folders:
+calibration token ids given as an in-memory dataset; compressed.py writes the compressed-tensors folder that vLLM
+loads (`save_compressed`) and reads it back (`load_compressed`). Everything llm-compressor writes goes under the caller's folders:
 oneshot re-reads the model's config.json from `model.config._name_or_path`, so that points into `workdir` while it
 runs, and nothing is saved by oneshot itself (no output_dir, no log_dir: loguru logs go to stderr only).
 """
@@ -12,21 +12,17 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-import os
 import re
-import resource
-import shutil
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 
 import torch
 
 from worker.engine.errors import EngineError, blame
+from worker.engine.llm.observe import PeakRss, layer_progress
 
 Kind = Literal["rtn", "gptq", "awq", "w8a8", "fp8", "sparsegpt", "wanda"]
 KINDS: tuple[str, ...] = ("rtn", "gptq", "awq", "w8a8", "fp8", "sparsegpt", "wanda")
@@ -267,77 +263,6 @@ def _config_on_disk(model: torch.nn.Module, folder: Path) -> Iterator[None]:
         model.name_or_path = old
 
 
-class _PeakRss:
-    """Peak resident memory growth over a block: current RSS sampled every 20 ms from /proc/self/statm, and the
-    process's ru_maxrss when it rose during the block (then it is exactly this block's peak)."""
-
-    def __init__(self) -> None:
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self._max_before = _maxrss()
-        self.start = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:  # no procfs: the ru_maxrss rise alone gives the peak
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        max_after = _maxrss()
-        self.peak = max(self.peak, self._rss(), max_after if max_after > self._max_before else 0)
-
-    @property
-    def growth_mb(self) -> float:
-        return round(max(self.peak - self.start, 0) / 2**20, 1)
-
-
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-@contextlib.contextmanager
-def _layer_progress(model: torch.nn.Module, passes: int, progress: Callable[[float, str], None]) -> Iterator[None]:
-    """Report progress as calibration moves from one decoder layer to the next (forward pre-hooks on the layers
-    llm-compressor's sequential pipeline calibrates one at a time); removed on exit."""
-    from compressed_tensors.utils import match_named_modules
-    from llmcompressor.utils.pytorch.module import infer_sequential_targets
-
-    try:
-        layers = [m for _, m in match_named_modules(model, infer_sequential_targets(model))]
-    except Exception:  # noqa: BLE001 - progress is best effort; an unknown layout just reports start and end
-        layers = []
-    total = max(1, len(layers) * passes)
-    state = {"last": None, "steps": 0}
-
-    def hook(index: int):
-        def fire(_module, args, kwargs):
-            first = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(first, torch.Tensor) and state["last"] != index:
-                state["last"], state["steps"] = index, state["steps"] + 1
-                progress(min(state["steps"] / total, 1.0) * 0.95, f"calibrating layer {index + 1}/{len(layers)}")
-        return fire
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @contextlib.contextmanager
 def _no_pinning_without_accelerator() -> Iterator[None]:
     """llm-compressor 0.14's AWQ pins its cached activations (to speed host-to-GPU copies); on a machine with no
@@ -399,7 +324,7 @@ def apply_llmc(model: torch.nn.Module, step: LlmcStep, calibration: torch.Tensor
     Path(workdir).mkdir(parents=True, exist_ok=True)
     progress(0.0, f"llm-compressor {step.kind}: {_scheme_name(step)} on {len(selected)} Linear modules")
     calibrated = sum(1 for p in pipelines.values() if p == "sequential")
-    with _PeakRss() as rss, _layer_progress(model, calibrated, progress):
+    with PeakRss() as rss, layer_progress(model, calibrated, progress):
         _run_oneshot(model, recipe, calibration, Path(workdir))
     model.eval()
     changed, sparsity = _changed_modules(model, step, selected, zeros_before)
@@ -442,66 +367,3 @@ def _changed_modules(model: torch.nn.Module, step: LlmcStep, selected: list[str]
             changed.append(name)
         zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
     return changed, round(zeros / max(total, 1), 6)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# saving and loading
-
-
-def _is_llmc_model(model: torch.nn.Module) -> bool:
-    return bool(getattr(model.save_pretrained, "_overridden", False))
-
-
-def save_compressed(model: torch.nn.Module, out_folder: Path) -> list[str]:
-    """Write the model as an HF folder in compressed-tensors format (what vLLM loads): config.json with
-    quantization_config, safetensors weights packed (pack-quantized int4 etc.). Returns notes (e.g. the compression
-    format used). A model with no llm-compressor step: plain save_pretrained.
-
-    compressed-tensors packs the in-memory model while saving; it is unpacked again right after (same values), so
-    the model keeps its float `weight` tensors and stays usable."""
-    out_folder = Path(out_folder)
-    out_folder.mkdir(parents=True, exist_ok=True)
-    if not _is_llmc_model(model):
-        model.save_pretrained(out_folder)
-        return ["no llm-compressor step: plain save_pretrained (dense safetensors)"]
-    pruned = any(_zero_fraction(m.weight) >= 0.25 for _, m in _linears(model)  # before packing replaces weights
-                 if getattr(m, "weight", None) is not None and m.weight.dtype.is_floating_point)
-    scratch = Path(tempfile.mkdtemp(prefix=".llmc-config-", dir=out_folder.parent))
-    try:
-        with _config_on_disk(model, scratch):
-            model.save_pretrained(str(out_folder), save_compressed=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    _decompress_in_memory(model)
-    return _save_notes(out_folder, pruned)
-
-
-def _decompress_in_memory(model: torch.nn.Module) -> None:
-    """Undo the packing save_pretrained did in memory (compressed-tensors would otherwise only unpack on the next
-    forward, leaving Linear modules without a `weight` until then)."""
-    if hasattr(model, "ct_decompress_hook"):
-        from compressed_tensors import ModelCompressor
-
-        ModelCompressor.from_pretrained_model(model).decompress_model(model)
-
-
-def _save_notes(out_folder: Path, pruned: bool) -> list[str]:
-    import json
-
-    qconfig = json.loads((out_folder / "config.json").read_text()).get("quantization_config")
-    notes = [f"compressed-tensors {qconfig.get('version')}: format {qconfig.get('format')}" if qconfig
-             else "no quantization: dense safetensors"]
-    if pruned:
-        notes.append("pruned weights are stored as they are (zeros included): compressed-tensors 0.19 has no sparse "
-                     "storage format")
-    return notes
-
-
-def load_compressed(folder: Path) -> torch.nn.Module:
-    """Reload such a folder with transformers on CPU (local files only, trust_remote_code=False), eval mode.
-    Quantized weights are decompressed to the model's float dtype (the values the quantized model computes with)."""
-    from transformers import AutoModelForCausalLM
-
-    with blame("bad_model", f"cannot load the compressed model folder {Path(folder).name}"):
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    return model.eval()
