@@ -195,6 +195,24 @@ def test_sandbox_channel_prune_hf(bert_zip, tokens, tmp_path):
     assert reloaded.config.intermediate_size == 32
 
 
+def test_hf_folder_without_eval_dataset_runs_on_config_shaped_inputs(bert_zip, tmp_path):
+    job = tmp_path / "job"
+    (job / "inputs").mkdir(parents=True)
+    shutil.copy(bert_zip, job / "inputs" / "model.zip")
+    spec = {"job_id": "job-1", "model": {"path": "inputs/model.zip", "format": "hf"},
+            "recipe": {"evaluate": FAST_EVAL, "steps": [{"type": "prune", "sparsity": 0.5}]},
+            "outputs": ["hf"], "datasets": {}, "threads": 2}
+    (job / "job.json").write_text(json.dumps(spec))
+    rc, lines, err = run_sandbox(job)
+    assert rc == 0, err
+    result = final(lines)
+    assert result["type"] == "result", result
+    m = result["metrics"]
+    assert set(m["compressed"]["latency_ms"]["torch"]) == {"1", "8"} and m["compressed"]["agreement"] is None
+    notes = json.loads((job / "out" / "report.json").read_text())["notes"]
+    assert any("timed on random input_ids of shape (batch, " in n for n in notes), notes
+
+
 def _hf_zip(path: Path, bert_zip: Path, extra: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
             config_update: dict | None = None, folder: str = "") -> Path:
     with zipfile.ZipFile(bert_zip) as src, zipfile.ZipFile(path, "w") as dst:

@@ -76,6 +76,11 @@ def _eval_inputs(job: JobContext, model: LoadedModel, data: Dataset | None):
         inputs = [a[: ev.max_samples] for a in arrange(data, specs)]
         return inputs, None if data.labels is None else data.labels[: ev.max_samples]
     inputs = synthetic_inputs(specs, fmt.example_inputs(model), max(ev.batch_sizes))
+    if inputs is None and hasattr(fmt, "default_inputs"):  # a Hugging Face model: input_ids shaped from its config
+        inputs = fmt.default_inputs(model, max(ev.batch_sizes))
+        job.notes.append(f"no {ev.dataset!r} dataset: timed on random input_ids of shape (batch, "
+                         f"{inputs[0].shape[1]}) from the model's config; accuracy and agreement are not measured")
+        return inputs, None
     if inputs is None:
         raise EngineError("bad_dataset", f"no {ev.dataset!r} dataset was given and the model's input "
                                          "shapes are unknown: upload an eval dataset (or, for a package, "
