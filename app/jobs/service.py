@@ -66,6 +66,9 @@ def job_queue(settings: Settings, recipe: Recipe) -> str:
     return settings.queue_gpu if settings.queue_gpu and wants_gpu else settings.queue_default
 
 
+TEXT_FORMATS = ("txt", "jsonl", "parquet")  # datasets tokenized in the job (worker/engine/text.py)
+
+
 def check_job(db: Session, principal: Principal, body: JobCreate
               ) -> tuple[ModelFile, dict[str, str], Recipe, list[str]]:
     """Everything a submit checks before inserting (the model, datasets and teachers are the team's; the recipe
@@ -75,8 +78,14 @@ def check_job(db: Session, principal: Principal, body: JobCreate
         raise not_found("model", body.model_id)
     datasets = {role: ident for role, ident in body.datasets.model_dump().items() if ident}
     for role, ident in datasets.items():
-        if owned(db.get(DatasetFile, ident), principal) is None:
+        row = owned(db.get(DatasetFile, ident), principal)
+        if row is None:
             raise APIError(404, "not_found", f"dataset {ident!r} (datasets.{role}) not found",
+                           {"field": f"datasets.{role}", "id": ident})
+        if row.format in TEXT_FORMATS and model.format != "hf":
+            raise APIError(422, "invalid_dataset", f"dataset {ident!r} (datasets.{role}) is {row.format} text, "
+                           "tokenized by the model's own tokenizer: it needs a Hugging Face model (a folder with its "
+                           f"tokenizer files), not {model.format}; upload token ids as a .npz instead",
                            {"field": f"datasets.{role}", "id": ident})
     recipe, outputs = validate_recipe(body.recipe, model.format)
     eval_role = recipe.evaluate.dataset

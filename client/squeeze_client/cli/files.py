@@ -82,4 +82,5 @@ def file_commands(kind: str, help_text: str) -> typer.Typer:
 
 
 models = file_commands("models", "Uploaded models of your team.")
-datasets = file_commands("datasets", "Uploaded datasets of your team (.npz / .safetensors arrays).")
+datasets = file_commands("datasets", "Uploaded datasets of your team (.npz / .safetensors arrays; .txt / .jsonl / "
+                         ".parquet text for language models).")

@@ -273,3 +273,19 @@ def test_job_created_on_text_datasets_stages_them_by_format(api, tmp_path):
     assert spec["datasets"] == {"calibration": "inputs/calibration.txt", "eval": "inputs/eval.jsonl"}
     assert (jobdir / "inputs/calibration.txt").read_bytes() == CORPUS.encode()
     assert Path(jobdir / "inputs/eval.jsonl").read_bytes() == jsonl
+
+
+def test_text_dataset_for_a_model_without_a_tokenizer_is_a_422(api, tmp_path):
+    """Text is tokenized by the model's own tokenizer: a job on an ONNX model with a text dataset is refused at
+    submit, naming the dataset and saying what to upload instead."""
+    from testing import modelzoo as mz
+
+    _, _, x_test, _ = mz.digits_split()
+    onnx_path = mz.export_onnx(mz.train_mlp(epochs=1), x_test, tmp_path / "mlp.onnx")
+    model = api.post("/v1/models", params={"name": "mlp.onnx"}, content=onnx_path.read_bytes()).json()
+    text = upload_dataset(api, CORPUS.encode(), "calib.txt").json()
+    r = api.post("/v1/jobs", json={"model_id": model["id"], "recipe": "int8", "datasets": {"calibration": text["id"]}})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_dataset" and error["details"]["field"] == "datasets.calibration"
+    assert "needs a Hugging Face model" in error["message"] and ".npz" in error["message"]
