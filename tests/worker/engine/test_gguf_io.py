@@ -258,7 +258,13 @@ def test_sentencepiece_style_tokenizer_is_written_as_llama_vocab(tmp_path):
     write_gguf(model, tmp_path, tmp_path / "spm.gguf", "q8_0")
     fields = gguf.GGUFReader(tmp_path / "spm.gguf").fields
     assert fields["tokenizer.ggml.model"].contents() == "llama"
-    assert len(fields["tokenizer.ggml.scores"].contents()) == size
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert len(scores) == size
+    merges = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"]
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    made = [vocab["".join(pair.split(" ") if isinstance(pair, str) else pair)] for pair in merges]
+    assert [scores[i] for i in made] == sorted((scores[i] for i in made), reverse=True)  # merge order, for llama.cpp
+    assert scores[made[0]] > scores[made[-1]]
     assert fields["tokenizer.ggml.token_type"].contents().count(gguf.TokenType.BYTE) == 256
     original = AutoTokenizer.from_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf", local_files_only=True)

@@ -227,7 +227,7 @@ def _write_vocab(writer: gguf.GGUFWriter, folder: Path, config) -> None:
     if config.model_type != "qwen2" and settings.get("add_prefix_space") is not None:  # LlamaModel.set_vocab
         writer.add_add_space_prefix(bool(settings["add_prefix_space"]))
     if model.get("type") == "BPE" and model.get("byte_fallback") and config.model_type != "qwen2":
-        _write_llama_hf_vocab(writer, folder)
+        _write_llama_hf_vocab(writer, folder, model.get("merges") or [])
     elif model.get("type") == "BPE" and (data.get("decoder") or {}).get("type") == "ByteLevel":
         _write_gpt2_vocab(writer, folder, config, _pre_name(data.get("pre_tokenizer")))
     else:
@@ -283,15 +283,23 @@ def _write_gpt2_vocab(writer: gguf.GGUFWriter, folder: Path, config, pre: str) -
     _write_special(writer, folder, tokenizer, len(tokens), load_merges=True)
 
 
-def _write_llama_hf_vocab(writer: gguf.GGUFWriter, folder: Path) -> None:
-    """convert_hf_to_gguf's _set_vocab_llama_hf: SentencePiece-style pieces with scores and byte tokens."""
+def _write_llama_hf_vocab(writer: gguf.GGUFWriter, folder: Path, merges: list) -> None:
+    """convert_hf_to_gguf's _set_vocab_llama_hf (SentencePiece-style pieces, byte tokens), with one change: each
+    piece's score is minus the rank of the merge that makes it, where the converter writes -1000 for all.
+    llama.cpp's SentencePiece tokenizer merges the highest-scoring pair first, so equal scores make it merge left
+    to right and split words unlike the HF tokenizer; merge ranks make it follow the same merge order."""
     from transformers import AutoTokenizer
 
+    rank: dict[str, int] = {}
+    for index, pair in enumerate(merges):
+        left, right = pair.split(" ", 1) if isinstance(pair, str) else pair
+        rank.setdefault(left + right, index)
     vocab = gguf.LlamaHfVocab(folder)
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
+        piece = text.decode("utf-8")
         tokens.append(text)
-        scores.append(score)
+        scores.append(-float(rank[piece]) if piece in rank else (0.0 if len(piece) == 1 else score))
         types.append(kind)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
