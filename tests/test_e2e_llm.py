@@ -14,6 +14,7 @@ from testing.llm_assets import text_split, tiny_llama_folder, zip_folder
 from testing.stack import wait_for
 from tests.conftest import new_team_key
 from tests.test_e2e import FAST_REAPER, upload
+from tests.test_e2e_cli import cli_env, squeeze
 from tests.worker.engine.test_llm_job import train_briefly
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,20 @@ def test_gptq_lm_job_through_http_on_sqlite(stack_factory, lm_files, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["format"] \
         == "pack-quantized"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).config.num_hidden_layers == 2
+
+    # The CLI as the README gives it: files uploaded (reused by sha256), the LLM table printed at 80 columns.
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text(json.dumps({"steps": [{"type": "quantize", "method": "weight_int8"}], "text": TEXT,
+                                  "evaluate": {"repeats": 2}}))
+    env = {**cli_env(tmp_path, SQUEEZE_URL=stack.url, SQUEEZE_API_KEY=client.headers["Authorization"][7:]),
+           "COLUMNS": "80"}
+    done = squeeze(env, "compress", str(lm_files["zip"]), "--recipe", str(recipe), "--calibration",
+                   str(lm_files["calibration"]), "--eval", str(lm_files["eval"]), "--output", str(tmp_path / "cli"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "perplexity" in done.stdout and "decode" in done.stdout, done.stdout
+    assert max(len(line) for line in done.stdout.splitlines() if not line.startswith("wrote ")) <= 80, done.stdout
+    assert "latency torch b32" not in done.stdout  # an LM is timed at batch 1 unless the recipe asks
+    assert (tmp_path / "cli" / "model-hf.zip").is_file()
 
 
 def test_guard_fails_a_pruned_lm_on_perplexity_on_postgres(stack_factory, lm_files):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.recipes import EvaluateSpec
 from worker.engine.formats.hf import is_causal_lm
 from worker.engine.job.context import Channel, open_job
 from worker.engine.job.export import export
@@ -44,12 +45,15 @@ def run_job(jobdir: Path, channel: Channel) -> dict[str, Any]:
 
 
 def lm_defaults(job, loaded) -> None:
-    """What an LM is timed at unless the recipe says: batch 1 (a window of text.seq_len tokens), 5 repeats; and
-    the GGUF output's type from the steps (q4_0 after 4-bit quantization, else q8_0)."""
+    """What an LM is timed at unless the recipe says otherwise: batch 1 (a window of text.seq_len tokens) and 5
+    repeats in place of the defaults [1, 32] and 20 (the stored recipe holds every default, so the default values
+    are what is replaced: docs/llm.md); and the GGUF output's type from the steps (q4_0 after 4-bit quantization,
+    else q8_0)."""
     ev, recipe = job.ev, job.recipe
-    if "batch_sizes" not in ev.model_fields_set:
+    defaults = EvaluateSpec()
+    if ev.batch_sizes == defaults.batch_sizes:
         ev.batch_sizes = [1]
-    if "repeats" not in ev.model_fields_set:
+    if ev.repeats == defaults.repeats:
         ev.repeats = 5
     four_bit = any(getattr(s, "method", None) == "weight_int4" for s in recipe.steps)
     loaded.model.extra["gguf_type"] = recipe.gguf_type or ("q4_0" if four_bit else "q8_0")
