@@ -149,6 +149,28 @@ def _model_name(config) -> str:
     return "Mistral" if name == "mistral" else name
 
 
+# Parameters llm-compressor adds beside a quantized weight: the weight already computes through them.
+_QUANT_PARAMS = ("_scale", "_zero_point", "_g_idx", "_global_scale", "_shape", "_packed")
+
+
+def _effective_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict as the model computes: a weight an llm-compressor step quantized is written as its
+    quantized values (scales and zero points applied), without the quantization parameters themselves; the
+    names of those weights (GGUF then rounds them to its own grid)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(_QUANT_PARAMS)}
+    requantized = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None or f"{name}.weight" not in state:
+            continue
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        with torch.no_grad():
+            state[f"{name}.weight"] = forward_quantize(module, module.weight, "weight", scheme.weights)
+        requantized.append(name)
+    return state, requantized
+
+
 def _write_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: gguf.MODEL_ARCH, permute: bool,
                    qtype: str) -> list[str]:
     """Every parameter under its llama.cpp name, permuted and quantized; the tied output projection is left out
@@ -158,7 +180,8 @@ def _write_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: gguf.M
     tied = _tied_output(model)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     skipped, quantized = [], []
-    for key, tensor in model.state_dict().items():
+    state, requantized = _effective_state(model)
+    for key, tensor in state.items():
         if tied and key == "lm_head.weight":
             continue
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -174,7 +197,11 @@ def _write_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: gguf.M
         array, chosen, why = _quantize(gguf_name, data.numpy(), qtype, is_output)
         writer.add_tensor(gguf_name, array, raw_dtype=chosen)
         (skipped if why else quantized).append((gguf_name, chosen.name, why))
-    return _notes(skipped, quantized, qtype)
+    notes = _notes(skipped, quantized, qtype)
+    if requantized:
+        notes.append(f"{len(requantized)} layer(s) quantized by an earlier step are written as their quantized "
+                     f"values, rounded again to {qtype}'s grid (GGUF has its own block formats)")
+    return notes
 
 
 def _tied_output(model: torch.nn.Module) -> bool:
