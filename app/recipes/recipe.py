@@ -88,7 +88,7 @@ class Recipe(Strict):
                     "values for sparse weights, codebook + packed indices for clustered ones) with a manifest.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     text: TextSpec = Field(default_factory=TextSpec, description="Text datasets: windows and perplexity.")
-    gguf_type: Literal["q8_0", "q4_0", "f16"] | None = Field(
+    gguf_type: Literal["q8_0", "q4_0", "q4_1", "q5_0", "f16"] | None = Field(
         None, description="GGUF output's weight type; default from the steps: q4_0 after 4-bit quantization, else "
                           "q8_0.")
     guard: GuardSpec | None = None

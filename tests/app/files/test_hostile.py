@@ -307,13 +307,14 @@ def _bounds():
     """(where, field, value, accepted) for every numeric bound in the recipe schema, read from pydantic's JSON
     schema: at an inclusive bound accepted, one step past it refused; at an exclusive bound refused, just inside it
     accepted."""
-    from app.recipes import STEP_SPECS, EvaluateSpec, GuardSpec
+    from app.recipes import STEP_SPECS, EvaluateSpec, GuardSpec, TextSpec
 
-    base = {"PruneSpec": {"type": "prune"}, "ChannelPruneSpec": {"type": "prune", "method": "channel",
+    base = {"PruneSpec": {"type": "prune", "sparsity": 0.5}, "ChannelPruneSpec": {"type": "prune", "method": "channel",
                                                                   "sparsity": 0.5},
             "ClusterSpec": {"type": "cluster"}, "FinetuneSpec": {"type": "finetune"},
             "DistillSpec": {"type": "distill"}, "QuantizeSpec": {"type": "quantize"}}
-    specs = [(spec.__name__, spec) for spec in STEP_SPECS] + [("evaluate", EvaluateSpec), ("guard", GuardSpec)]
+    specs = [(spec.__name__, spec) for spec in STEP_SPECS] + [("evaluate", EvaluateSpec), ("guard", GuardSpec),
+                                                               ("text", TextSpec)]
     out = []
     for where, spec in specs:
         for field, prop in spec.model_json_schema()["properties"].items():
@@ -348,6 +349,7 @@ def test_the_bounds_cover_every_numeric_field():
     assert ("PruneSpec", "sparsity") in fields and ("ClusterSpec", "clusters") in fields
     assert ("DistillSpec", "temperature") in fields and ("evaluate", "batch_sizes") in fields
     assert ("guard", "min_speedup") in fields and ("QuantizeSpec", "samples") in fields
+    assert ("text", "seq_len") in fields and ("guard", "max_perplexity_increase") in fields
     assert len(BOUNDS) >= 60, len(BOUNDS)
 
 
