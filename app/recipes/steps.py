@@ -91,7 +91,7 @@ class PruneSpec(StepSpec):
                                     "(2:4 is what sparse tensor cores run).")
 
     @model_validator(mode="after")
-    def _sparsity_matches_pattern(self) -> "PruneSpec":
+    def _sparsity_matches_pattern(self) -> PruneSpec:
         if self.pattern == "unstructured":
             if self.sparsity is None:
                 raise ValueError("sparsity is required for unstructured pruning")
@@ -122,7 +122,7 @@ class ChannelPruneSpec(StepSpec):
     recalibrate_bn: bool = True
 
     @model_validator(mode="after")
-    def _removes_something(self) -> "ChannelPruneSpec":
+    def _removes_something(self) -> ChannelPruneSpec:
         if self.sparsity == 0 and self.heads == 0:
             raise ValueError("set sparsity (channels) or heads (attention heads) above 0")
         return self
@@ -232,6 +232,13 @@ class QuantizeSpec(StepSpec):
     symmetric: bool = Field(True, description="LLM weight quantization: symmetric levels (else zero-point).")
     act_order: bool = Field(False, description="gptq: quantize columns in order of activation size.")
     smoothing_strength: float = Field(0.8, gt=0.0, lt=1.0, description="w8a8: SmoothQuant's migration strength.")
+    sensitivity: bool = Field(False, description="Causal LMs: measure each decoder layer's perplexity change when it "
+                                                 "alone is rounded to the step's bits, on calibration windows; the "
+                                                 "report lists them, most sensitive first.")
+    bits_budget: float | None = Field(
+        None, gt=4.0, lt=8.0, description="weight_int4 on a causal LM: mixed precision. The most sensitive decoder "
+                                          "layers (measured as `sensitivity` does) stay at 8 bits while the average "
+                                          "bits per quantized weight stays within this budget.")
     calibration: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="How activation ranges are chosen from the calibration data (static_int8).")
     per_channel: bool = Field(True, description="One weight scale per output channel (else one per tensor).")
@@ -247,10 +254,12 @@ class QuantizeSpec(StepSpec):
                     "explicitly, it is followed as is. `targets`/`ignore` select among the rest.")
 
     @model_validator(mode="after")
-    def _group_size_fits(self) -> "QuantizeSpec":
+    def _group_size_fits(self) -> QuantizeSpec:
         if self.algorithm not in (None, "rtn") and self.method not in ("weight_int4", "weight_int8"):
             raise ValueError(f"algorithm {self.algorithm} applies to weight_int4 and weight_int8 (w8a8 runs "
                              "SmoothQuant + GPTQ itself)")
+        if self.bits_budget is not None and self.method != "weight_int4":
+            raise ValueError("bits_budget mixes 4- and 8-bit layers: it applies to weight_int4")
         if self.group_size is not None:
             if self.method not in ("weight_int4", "weight_int8"):
                 raise ValueError("group_size applies to weight_int4 and weight_int8 only")

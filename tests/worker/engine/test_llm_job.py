@@ -156,3 +156,31 @@ def test_text_readers_and_windows(tmp_path):
         read_text(tmp_path / "bad.txt", "eval")
     with pytest.raises(EngineError, match="not one window"):
         tokenize(read_text(tmp_path / "d.jsonl", "eval"), tokenizer, TextSpec(seq_len=512), context=2048)
+
+
+def test_sensitivity_and_mixed_precision_keep_the_worst_layer_at_8_bits(lm, tmp_path):
+    from app.recipes import QuantizeSpec, TextSpec
+    from worker.engine.formats import get_format
+    from worker.engine.passes import StepContext, pass_for
+    from worker.engine.text import load_tokenizer, read_text, tokenize
+
+    fmt = get_format("hf")
+    model = fmt.load(lm["zip"], tmp_path)
+    data = tokenize(read_text(lm["calibration"], "calibration"), load_tokenizer(model.extra["folder"]),
+                    TextSpec(seq_len=64), context=2048)
+    spec = QuantizeSpec(method="weight_int4", algorithm="rtn", group_size=32, bits_budget=6.0, samples=8)
+    report = pass_for(spec).apply(model, spec, StepContext(index=0, datasets={"calibration": data},
+                                                           workdir=tmp_path))
+    found = report["sensitivity"]
+    assert [r["layer"] for r in found["layers"]] != [] and len(found["layers"]) == 2
+    increases = [r["increase"] for r in found["layers"]]
+    assert increases == sorted(increases, reverse=True) and found["baseline"] > 0
+    kept = report["mixed"]["layers_8bit"]
+    assert kept == [found["layers"][0]["layer"]] and 4 < report["mixed"]["bits_per_weight"] <= 6.0
+    bits = {layer["name"]: layer["bits"] for layer in report["layers"] if layer["changed"]}
+    assert {b for n, b in bits.items() if n.startswith(kept[0] + ".")} == {8}
+    assert {b for n, b in bits.items() if not n.startswith(kept[0] + ".")} == {4}
+    fmt.save(model, tmp_path / "mixed.zip")
+    with zipfile.ZipFile(tmp_path / "mixed.zip") as zf:
+        groups = json.loads(zf.read("config.json"))["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [4, 8]

@@ -6,6 +6,7 @@ place and writes the step report (per layer: shape, sparsity before/after, bits)
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,12 +16,14 @@ from app.recipes import PruneSpec, QuantizeSpec
 from worker.engine.errors import EngineError
 from worker.engine.formats import get_format
 from worker.engine.formats.base import LoadedModel
+from worker.engine.llm.sensitivity import decoder_layer, layer_sensitivity, mixed_plan
 from worker.engine.passes.base import StepContext, StepReport
 from worker.engine.shared.data import data_source
 from worker.engine.shared.selection import select
 
 CALIBRATING = ("gptq", "awq", "w8a8", "sparsegpt", "wanda")
-GROUPS = (128, 64, 32)  # the default group size: the largest that divides every target layer's input width
+GROUPS = (128, 64, 32)
+SENSITIVITY_WINDOWS = 8  # calibration windows each layer's perplexity is measured on  # the default group size: the largest that divides every target layer's input width
 
 
 def llmc_step(spec: PruneSpec | QuantizeSpec, modules: list[str], widths: list[int], notes: list[str]):
@@ -82,16 +85,54 @@ def apply_llm_step(model: LoadedModel, spec: PruneSpec | QuantizeSpec, ctx: Step
     modules = [r.name.removesuffix(".weight") for r in selected]
     step = llmc_step(spec, modules, [int(r.shape[-1]) for r in selected], notes)
     calibration = _calibration(spec, ctx, step.kind, notes)
+    extra, eight_bit = _sensitivity(model, spec, ctx, step, modules, calibration, notes)
     tokens = None if calibration is None else torch.from_numpy(calibration)
-    report = apply_llmc(model.handle, step, tokens, ctx.workdir / f"llmc-{ctx.index}", ctx.progress)
+    workdir = ctx.workdir / f"llmc-{ctx.index}"
+    if eight_bit:  # mixed precision: the sensitive layers first, at 8 bits per channel, by the same algorithm
+        wide = replace(step, bits=8, group_size=None, targets=[f"re:^{re.escape(m)}$" for m in eight_bit])
+        apply_llmc(model.handle, wide, tokens, workdir / "8bit", ctx.progress)
+        step = replace(step, targets=[t for t, m in zip(step.targets, modules) if m not in eight_bit])
+    report = apply_llmc(model.handle, step, tokens, workdir, ctx.progress)
     model.extra["llmc"] = True
     if step.kind in ("rtn", "gptq", "awq"):
         model.extra.setdefault("weight_bits", step.bits)
-    return _report(model, spec, step, report, before, notes)
+    out = _report(model, spec, step, report, before, notes, eight_bit)
+    return {**out, **extra}
 
 
-def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, notes: list[str]) -> StepReport:
-    changed = set(llmc.get("modules") or [])
+def _sensitivity(model: LoadedModel, spec, ctx: StepContext, step, modules: list[str],
+                 calibration: np.ndarray | None, notes: list[str]) -> tuple[dict, list[str]]:
+    """({"sensitivity": ..., "mixed": ...} for the report, the modules kept at 8 bits) when the step asks."""
+    if not isinstance(spec, QuantizeSpec) or not (spec.sensitivity or spec.bits_budget):
+        return {}, []
+    if step.kind not in ("rtn", "gptq", "awq"):
+        raise EngineError("unsupported", f"steps[{ctx.index}]: sensitivity and bits_budget are for weight "
+                                         "quantization (weight_int4 / weight_int8)")
+    windows = calibration
+    if windows is None:
+        data, _ = data_source(ctx.datasets, spec.dataset)
+        if data is None:
+            raise EngineError("bad_dataset", f"steps[{ctx.index}]: the sensitivity pass measures perplexity: give "
+                                             "a calibration dataset")
+        windows = next(iter(data.inputs.values()))
+    windows = np.ascontiguousarray(windows[:SENSITIVITY_WINDOWS]).astype(np.int64)
+    found = layer_sensitivity(model.handle, modules, windows, step.bits, step.group_size,
+                              lambda f, m: ctx.progress(0.3 * f, m))
+    if not spec.bits_budget:
+        return {"sensitivity": found}, []
+    kept, bits = mixed_plan(found, step.bits, spec.bits_budget,
+                            sum(model.handle.get_submodule(m).weight.numel() for m in modules
+                                if decoder_layer(m) is None))
+    notes.append(f"mixed precision: {len(kept)} of {len(found['layers'])} decoder layers kept at 8 bits (the most "
+                 f"sensitive), {bits} bits per quantized weight on average (budget {spec.bits_budget})")
+    eight_bit = [m for m in modules if decoder_layer(m) in kept]
+    return {"sensitivity": found, "mixed": {"layers_8bit": kept, "bits_per_weight": bits,
+                                            "budget": spec.bits_budget}}, eight_bit
+
+
+def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, notes: list[str],
+            eight_bit: list[str]) -> StepReport:
+    changed = set(llmc.get("modules") or []) | set(eight_bit)
     bits = 16 if step.kind in ("sparsegpt", "wanda") else step.bits
     layers = []
     for ref in get_format(model.format).eligible_weights(model):
@@ -99,7 +140,8 @@ def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, 
         now = ref.read()
         layers.append({"name": ref.name, "shape": list(ref.shape),
                        "sparsity_before": _sparsity(before[ref.name]), "sparsity_after": _sparsity(now),
-                       "bits": bits if module in changed and step.kind not in ("sparsegpt", "wanda") else 32,
+                       "bits": (8 if module in eight_bit else bits)
+                       if module in changed and step.kind not in ("sparsegpt", "wanda") else 32,
                        "changed": module in changed})
     if not changed:
         raise EngineError("no_effect", f"{step.kind} changed no layer")
