@@ -184,3 +184,33 @@ def test_sensitivity_and_mixed_precision_keep_the_worst_layer_at_8_bits(lm, tmp_
     with zipfile.ZipFile(tmp_path / "mixed.zip") as zf:
         groups = json.loads(zf.read("config.json"))["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [4, 8]
+
+
+def test_a_bf16_lm_is_written_back_in_bf16_with_int4_decoder_weights(lm, tmp_path):
+    """Computed in float32, written in the checkpoint's dtype: the unquantized embeddings stay 16-bit, so the int4
+    folder is smaller than the bf16 one it came from (float32 would double the embeddings)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from app.recipes import QuantizeSpec
+    from worker.engine.formats import get_format
+    from worker.engine.passes import StepContext, pass_for
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(lm["folder"]).to(torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(lm["folder"] / name, bf16 / name)
+    fmt = get_format("hf")
+    model = fmt.load(zip_folder(bf16, tmp_path / "bf16.zip"), tmp_path)
+    assert next(model.handle.parameters()).dtype == torch.float32 and model.extra["checkpoint_dtype"] == torch.bfloat16
+    spec = QuantizeSpec(method="weight_int4", group_size=32)
+    pass_for(spec).apply(model, spec, StepContext(index=0, workdir=tmp_path))
+    fmt.save(model, tmp_path / "out.zip")
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        zf.extractall(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_packed").dtype == torch.int32
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size < (bf16 / "model.safetensors").stat().st_size
+    assert next(model.handle.parameters()).dtype == torch.float32  # the model in memory is float32 again

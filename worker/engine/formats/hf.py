@@ -186,24 +186,29 @@ class HFFormat(ModelFormat):
         try:
             config = _read_config(folder)
             auto, cls_name = _model_class(config)
-            net = None if getattr(config, "quantization_config", None) else auto.from_config(config)
+            # float32 whatever the checkpoint's dtype: the original is measured and calibrated in full precision
+            net = None if getattr(config, "quantization_config", None) else auto.from_config(config,
+                                                                                         dtype=torch.float32)
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError("bad_model", f"cannot build the model from {CONFIG}: {type(exc).__name__}: "
                                            f"{exc}") from exc
+        checkpoint_dtype = None
         if net is None:  # a compressed-tensors folder (written by llm-compressor): transformers decompresses it
             from worker.engine.llm.compressed import load_compressed
 
             with blame("bad_model", "cannot load the compressed-tensors folder"):
                 net = load_compressed(folder)
         else:
-            _load_state(net, _state_from(folder))
+            state = _state_from(folder)
+            checkpoint_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+            _load_state(net, state)
         net.eval()
         from transformers import AutoModelForCausalLM
 
         return LoadedModel(format=self.name, path=path, handle=net,
-                           extra={"folder": folder, "architecture": cls_name,
+                           extra={"folder": folder, "architecture": cls_name, "checkpoint_dtype": checkpoint_dtype,
                                   "causal_lm": auto is AutoModelForCausalLM})
 
     def save(self, model: LoadedModel, path: Path) -> None:
@@ -221,12 +226,22 @@ class HFFormat(ModelFormat):
 
             shutil.rmtree(out)
         sync_config(net)
-        if model.extra.get("llmc"):  # llm-compressor's steps: packed weights + quantization_config (vLLM loads it)
-            from worker.engine.llm.compressed import save_compressed
+        # A causal LM is computed in float32 here and written in its checkpoint's 16-bit dtype, as it came: the
+        # weights no step quantized keep their size (LLM folders are bf16/fp16; float32 would double them).
+        dtype = model.extra.get("checkpoint_dtype") if is_causal_lm(model) else None
+        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        if dtype is not None:
+            net.to(dtype)
+        try:
+            if model.extra.get("llmc"):  # llm-compressor's steps: packed weights + quantization_config (vLLM)
+                from worker.engine.llm.compressed import save_compressed
 
-            save_compressed(net, out)
-        else:
-            net.save_pretrained(str(out), safe_serialization=True)
+                save_compressed(net, out)
+            else:
+                net.save_pretrained(str(out), safe_serialization=True)
+        finally:
+            if dtype is not None:
+                net.to(torch.float32)
         _copy_tokenizer(model.extra.get("folder"), out)
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for f in sorted(out.iterdir()):
