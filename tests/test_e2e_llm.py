@@ -87,7 +87,13 @@ def test_guard_fails_a_pruned_lm_on_perplexity_on_postgres(stack_factory, lm_fil
     client = stack.client(new_team_key(stack.admin, "llm"))
     job_id = _submit(client, lm_files, {"steps": [{"type": "prune", "sparsity": 0.9}], "outputs": ["hf"],
                                         "guard": {"max_perplexity_increase": 0.05}})
+    unmatched = _submit(client, lm_files, {"steps": [{"type": "prune", "sparsity": 0.5,
+                                                      "ignore": ["re:.*embeddings.*"]}], "outputs": ["hf"]})
     job = wait_for(client, job_id, timeout=600)
     assert job["status"] == "failed" and job["error"]["code"] == "guard_failed", job
     assert "max_perplexity_increase" in job["error"]["message"]
     assert job["metrics"]["llm"]["perplexity_increase"] > 0.05
+    # A pattern that matches nothing is never ignored silently: the job fails naming it.
+    job = wait_for(client, unmatched, timeout=600)
+    assert job["status"] == "failed" and job["error"]["code"] == "no_effect", job
+    assert "ignore pattern 're:.*embeddings.*' matches no eligible weight" in job["error"]["message"]
