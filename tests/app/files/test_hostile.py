@@ -354,7 +354,8 @@ def test_the_bounds_cover_every_numeric_field():
 
 
 # Cross-field rules that would refuse a lone in-bound value for another reason: give them what they need.
-COMPANIONS = {("ChannelPruneSpec", "sparsity"): {"heads": 0.5}, ("guard", "batch_size"): {"min_speedup": 2.0}}
+COMPANIONS = {("ChannelPruneSpec", "sparsity"): {"heads": 0.5}, ("guard", "batch_size"): {"min_speedup": 2.0},
+              ("QuantizeSpec", "bits_budget"): {"method": "weight_int4"}}
 
 
 def _recipe(where, field, value, base) -> tuple[dict, str]:

@@ -104,46 +104,62 @@ def is_causal_lm(model: LoadedModel) -> bool:
     return model.format == "hf" and bool(model.extra.get("causal_lm"))
 
 
-def _state_from(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files: list[Path]
+def _weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names (each checked to be a .safetensors file in the folder)."""
     if (folder / WEIGHTS).is_file():
-        files = [folder / WEIGHTS]
-    elif (folder / INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise EngineError("bad_model", f"{INDEX} is not a valid shard index: {exc}") from exc
-        files = []
-        for name in names:
-            p = (folder / name).resolve()
-            if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors") \
-                    or p.parent != folder.resolve() or not p.is_file():
-                raise EngineError("bad_model", f"{INDEX} names a missing or invalid shard {name!r}")
-            files.append(p)
-    else:
+        return [folder / WEIGHTS]
+    if not (folder / INDEX).is_file():
         raise EngineError("bad_model", f"the Hugging Face zip has neither {WEIGHTS} nor {INDEX}")
-    state: dict[str, torch.Tensor] = {}
+    try:
+        weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EngineError("bad_model", f"{INDEX} is not a valid shard index: {exc}") from exc
+    files = []
+    for name in names:
+        p = (folder / name).resolve()
+        if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors") \
+                or p.parent != folder.resolve() or not p.is_file():
+            raise EngineError("bad_model", f"{INDEX} names a missing or invalid shard {name!r}")
+        files.append(p)
+    return files
+
+
+def _load_weights(net: torch.nn.Module, files: list[Path]) -> torch.dtype | None:
+    """The files' tensors copied into the model one at a time (read, not mapped: peak memory stays the model plus
+    one tensor), strict except for weights HF ties to others (saved once, re-tied after loading). Returns the
+    checkpoint's floating dtype."""
+    from safetensors import safe_open
+
+    targets = net.state_dict(keep_vars=True)
+    seen, unexpected, dtype = set(), [], None
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt", backend="pread") as sf:
+                for key in sf.keys():  # noqa: SIM118  (a safe_open, not a dict)
+                    if key not in targets:
+                        unexpected.append(key)
+                        continue
+                    tensor = sf.get_tensor(key)
+                    if tensor.shape != targets[key].shape:
+                        raise EngineError("bad_model", f"{f.name}: {key} has shape {list(tensor.shape)}, the config's "
+                                                       f"architecture wants {list(targets[key].shape)}")
+                    dtype = dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                    with torch.no_grad():
+                        targets[key].copy_(tensor)
+                    seen.add(key)
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError("bad_model", f"cannot read {f.name}: {type(exc).__name__}: {exc}") from exc
-    return state
-
-
-def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict, except for weights HF ties to others (saved once, re-tied after loading)."""
     tied = set(getattr(net, "all_tied_weights_keys", None) or {})
-    result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    missing = [k for k in targets if k not in seen and k not in tied]
+    if missing or unexpected:
         raise EngineError("bad_model", f"the safetensors weights do not match the config's architecture: missing "
-                                       f"{missing[:10]}, unexpected {list(result.unexpected_keys)[:10]}")
+                                       f"{missing[:10]}, unexpected {unexpected[:10]}")
     if tied and hasattr(net, "tie_weights"):
         net.tie_weights()
+    return dtype
 
 
 @dataclass
@@ -179,7 +195,9 @@ class HFFormat(ModelFormat):
     suffix = ".zip"
     runtimes = ("torch", "torch-compile")
 
-    def load(self, path: Path, workdir: Path) -> LoadedModel:
+    def load(self, path: Path, workdir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+        """`dtype`: what the model computes in (float32 unless a caller times an LM as served, in its checkpoint's
+        dtype)."""
         folder = _find_folder(_extract_checked(path, workdir / f"hf-{next(_counter)}", "Hugging Face zip"))
         if any(p.suffix == ".py" for p in folder.rglob("*")):
             raise EngineError("bad_model", "the Hugging Face zip holds Python files; custom code is not run")
@@ -187,8 +205,7 @@ class HFFormat(ModelFormat):
             config = _read_config(folder)
             auto, cls_name = _model_class(config)
             # float32 whatever the checkpoint's dtype: the original is measured and calibrated in full precision
-            net = None if getattr(config, "quantization_config", None) else auto.from_config(config,
-                                                                                         dtype=torch.float32)
+            net = None if getattr(config, "quantization_config", None) else auto.from_config(config, dtype=dtype)
         except EngineError:
             raise
         except Exception as exc:
@@ -201,9 +218,7 @@ class HFFormat(ModelFormat):
             with blame("bad_model", "cannot load the compressed-tensors folder"):
                 net = load_compressed(folder)
         else:
-            state = _state_from(folder)
-            checkpoint_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-            _load_state(net, state)
+            checkpoint_dtype = _load_weights(net, _weight_files(folder))
         net.eval()
         from transformers import AutoModelForCausalLM
 

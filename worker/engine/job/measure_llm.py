@@ -10,10 +10,13 @@ the original on a window of `text.seq_len` tokens (prefill latency, the report's
 
 from __future__ import annotations
 
+import gc
 import resource
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
 from worker.engine import metrics
 from worker.engine.datasets import Dataset
@@ -89,6 +92,7 @@ def measure_original_llm(job: JobContext, loaded: Loaded) -> Original:
 
 def measure_result_llm(job: JobContext, loaded: Loaded, original: Original, artifacts: list[dict]) -> Result:
     with job.stage("evaluate_result", "scoring each output, reloaded from disk"):
+        _release(loaded)
         sizes = {a["format"]: (job.out_dir / a["path"]).stat().st_size for a in artifacts}
         scored: dict[str, dict[str, Any]] = {}
         compressed = layers_after = None
@@ -111,6 +115,18 @@ def measure_result_llm(job: JobContext, loaded: Loaded, original: Original, arti
         compressed["output_sizes"] = sizes
         llm = _section(job, original, scored)
     return Result(stats=compressed, layers_after=layers_after, compact=None, llm=llm)
+
+
+def _release(loaded: Loaded) -> None:
+    """Each output is scored from its reloaded file: the in-memory result is not used again (only its config is),
+    and freeing it keeps this stage at the reloaded output plus the original timed beside it, not three models.
+    llm-compressor's session holds the model too: it is reset (the outputs are written by now)."""
+    if loaded.model.extra.get("llmc"):
+        from llmcompressor.core import reset_session
+
+        reset_session()
+    loaded.model.handle = SimpleNamespace(config=loaded.model.handle.config)
+    gc.collect()
 
 
 def _original_stream(job: JobContext, loaded: Loaded, original: Original) -> np.ndarray:
@@ -146,7 +162,13 @@ def _first_side(job: JobContext, loaded: Loaded, original: Original, model: Load
     stats = metrics.model_stats(model, job.out_dir / art["path"])
     stats["format"] = art["format"]
     fmt = get_format("hf")
-    original_again = fmt.load(loaded.model_path, job.work)
+    # Timed as served: the original in its checkpoint's dtype, as the reloaded output computes in it (and a
+    # 16-bit copy beside the output keeps this stage's memory near one float32 model).
+    served = _served_dtype(loaded.model, model)
+    original_again = fmt.load(loaded.model_path, job.work, dtype=served)
+    if served != torch.float32:
+        job.notes.append(f"original and result timed side by side in {str(served).removeprefix('torch.')}, the "
+                         "checkpoint's dtype (as served); perplexity of the original in float32")
     original.stats["latency_ms"]["torch"], latency = metrics.latency_pair(
         fmt.runner(original_again, "torch", threads), fmt.runner(model, "torch", threads), original.inputs,
         ev.batch_sizes, ev.warmup, ev.repeats, None, job.notes, "original and result on torch")
@@ -159,6 +181,13 @@ def _first_side(job: JobContext, loaded: Loaded, original: Original, model: Load
     original.stats["llm"].update(before)
     summary.update(after, paired_with_original=True)
     return stats
+
+
+def _served_dtype(original: LoadedModel, result: LoadedModel) -> torch.dtype:
+    """The original's checkpoint dtype when it is 16-bit and the reloaded output computes in it too, else float32."""
+    dtype = original.extra.get("checkpoint_dtype")
+    result_dtype = next(result.handle.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) and result_dtype == dtype else torch.float32
 
 
 def raise_nothing_scored(artifacts: list[dict]) -> None:

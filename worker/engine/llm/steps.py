@@ -80,7 +80,7 @@ def apply_llm_step(model: LoadedModel, spec: PruneSpec | QuantizeSpec, ctx: Step
     if not selected:
         raise EngineError("no_effect", f"steps[{ctx.index}]: no eligible weight matched targets={spec.targets} "
                                        f"ignore={spec.ignore}")
-    before = {r.name: r.read().detach().clone() for r in eligible}
+    before = {r.name: _sparsity(r.read()) for r in eligible}  # the report needs sparsities, not weight copies
     notes: list[str] = []
     modules = [r.name.removesuffix(".weight") for r in selected]
     step = llmc_step(spec, modules, [int(r.shape[-1]) for r in selected], notes)
@@ -139,7 +139,7 @@ def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, 
         module = ref.name.removesuffix(".weight")
         now = ref.read()
         layers.append({"name": ref.name, "shape": list(ref.shape),
-                       "sparsity_before": _sparsity(before[ref.name]), "sparsity_after": _sparsity(now),
+                       "sparsity_before": before[ref.name], "sparsity_after": _sparsity(now),
                        "bits": (8 if module in eight_bit else bits)
                        if module in changed and step.kind not in ("sparsegpt", "wanda") else 32,
                        "changed": module in changed})
