@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import compression, fuzz, large, load, scale, service
+from bench import compression, fuzz, large, llm, load, scale, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -35,6 +35,7 @@ SUITES = {
     "fuzz": lambda work: fuzz.bench_fuzz(work),
     "large": lambda work: large.bench_large(work),
     "load": lambda work: load.bench_load(work),
+    "llm": lambda work: llm.bench_llm(work),
 }
 
 
@@ -109,6 +110,15 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                                lambda r: r["status"] == "succeeded"
                                and max(r["api_peak_rss_mib"], r["worker_peak_rss_mib"]) * 8 * 2**20 < r["model_bytes"]
                                and r["sandbox_vm_peak_gib"] < r["sandbox_memory_limit_gib"]),
+    # The LLM suite (bench/llm.py): SmolLM2-135M on pydoc text; perplexity increases relative to the original.
+    "gptq_w4a16_g64": ("perplexity increase <= half of RTN's (same int4 g64), hf <= 0.45x the bf16 safetensors",
+                       lambda r: r.get("gptq_vs_rtn", 1) <= 0.5 and r.get("size_ratio_vs_bf16", 1) <= 0.45),
+    "awq_w4a16_g64": ("perplexity increase <= half of RTN's (same int4 g64), hf <= 0.45x the bf16 safetensors",
+                      lambda r: r.get("awq_vs_rtn", 1) <= 0.5 and r.get("size_ratio_vs_bf16", 1) <= 0.45),
+    "sparsegpt_50": ("perplexity increase <= half of magnitude's (same 50% per layer)",
+                     lambda r: r.get("sparsegpt_vs_magnitude", 1) <= 0.5),
+    "w8a8_smoothquant": ("perplexity within +3% of the original",
+                         lambda r: r.get("status") == "succeeded" and r["perplexity_increase"] <= 0.03),
 }
 
 
