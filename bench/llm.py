@@ -209,7 +209,8 @@ def merge(rows: dict[str, dict], command: str) -> Path:
             del figures[key]
     _relative(merged)
     result.update(results=merged, environment=environment(), command=command)
-    result.setdefault("seconds", None)
+    if not result.get("seconds"):  # no whole-suite run to time: the rows' own job seconds, summed
+        result["seconds"] = round(sum(f.get("job_seconds") or 0 for f in merged.values()), 1)
     path.write_text(json.dumps(result, indent=2) + "\n")
     everything = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
     target = RESULTS.parent / "RESULTS.md"
