@@ -248,6 +248,7 @@ class Stack:
             except psutil.NoSuchProcess:
                 pass
         proc.wait()
+        psutil.wait_procs(tree, timeout=10)  # SIGKILL is delivered, not yet done: a killed bwrap still showed running
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
