@@ -209,3 +209,40 @@ def _smollm2_tokenizer_fixups(dest: Path) -> None:
               "eos_token": SPECIAL_TOKENS[2], "unk_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[2],
               "add_prefix_space": False, "clean_up_tokenization_spaces": False, "model_max_length": 8192}
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def trained_lm_files(root: Path) -> dict[str, Path]:
+    """What the LM tests upload: a tiny Llama trained briefly on pydoc text (folder and zip), calibration text
+    (.txt) and disjoint eval text (.jsonl, one record per paragraph)."""
+    import json
+
+    calibration, evaluation = text_split(100_000, 12_000)
+    folder = train_briefly(tiny_llama_folder(root / "tiny", hidden=64, layers=2), calibration)
+    (root / "calibration.txt").write_text(calibration, encoding="utf-8")
+    (root / "eval.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in evaluation.split("\n\n")),
+                                     encoding="utf-8")
+    return {"folder": folder, "zip": zip_folder(folder, root / "tiny-llama.zip"),
+            "calibration": root / "calibration.txt", "eval": root / "eval.jsonl"}
+
+
+def train_briefly(folder: Path, text: str, steps: int = 200) -> Path:
+    """The tiny LM trained for a few seconds on `text`, so that its perplexity means something (a random LM's
+    is about its vocabulary size, and pruning it changes little); saved back into the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+    return folder

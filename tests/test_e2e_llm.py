@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from testing.llm_assets import text_split, tiny_llama_folder, zip_folder
+from testing.llm_assets import trained_lm_files
 from testing.stack import wait_for
 from tests.conftest import new_team_key
 from tests.test_e2e import FAST_REAPER, upload
 from tests.test_e2e_cli import cli_env, squeeze
-from tests.worker.engine.test_llm_job import train_briefly
 
 pytestmark = pytest.mark.slow
 TEXT = {"seq_len": 64, "eval_tokens": 512, "generate_tokens": 8}
@@ -23,14 +22,7 @@ TEXT = {"seq_len": 64, "eval_tokens": 512, "generate_tokens": 8}
 
 @pytest.fixture(scope="module")
 def lm_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("lm-http")
-    calibration, evaluation = text_split(100_000, 12_000)
-    folder = train_briefly(tiny_llama_folder(root / "tiny", hidden=64, layers=2), calibration)
-    (root / "calibration.txt").write_text(calibration, encoding="utf-8")
-    (root / "eval.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in evaluation.split("\n\n")),
-                                     encoding="utf-8")
-    return {"zip": zip_folder(folder, root / "tiny-llama.zip"), "calibration": root / "calibration.txt",
-            "eval": root / "eval.jsonl"}
+    return trained_lm_files(tmp_path_factory.mktemp("lm-http"))
 
 
 def _submit(client, lm_files: dict[str, Path], recipe: dict) -> str:

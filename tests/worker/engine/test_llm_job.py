@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testing.llm_assets import text_split, tiny_llama_folder, zip_folder
+from testing.llm_assets import trained_lm_files, zip_folder
 from tests.worker.engine.test_sandbox import final, run_sandbox
 from worker.engine.errors import EngineError
 
@@ -21,37 +21,7 @@ TEXT = {"seq_len": 64, "eval_tokens": 512, "generate_tokens": 8}
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("lm")
-    calibration, evaluation = text_split(100_000, 12_000)
-    folder = train_briefly(tiny_llama_folder(root / "tiny", hidden=64, layers=2), calibration)
-    (root / "calibration.txt").write_text(calibration, encoding="utf-8")
-    (root / "eval.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in evaluation.split("\n\n")),
-                                     encoding="utf-8")
-    return {"folder": folder, "zip": zip_folder(folder, root / "tiny.zip"), "calibration": root / "calibration.txt",
-            "eval": root / "eval.jsonl"}
-
-
-def train_briefly(folder: Path, text: str, steps: int = 200) -> Path:
-    """The tiny LM trained for a few seconds on `text`, so that its perplexity means something (a random LM's
-    is about its vocabulary size, and pruning it changes little); saved back into the folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = windows[torch.randint(len(windows), (16,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval().save_pretrained(folder)
-    return folder
+    return trained_lm_files(tmp_path_factory.mktemp("lm"))
 
 
 def _job(tmp_path: Path, lm: dict, recipe: dict, datasets=("calibration", "eval")) -> Path:
@@ -108,7 +78,7 @@ def test_gptq_int4_job_writes_compressed_tensors_and_gguf_scored_by_perplexity(l
 def test_seq_len_above_the_context_is_refused(lm, tmp_path):
     """(The guard failing on perplexity runs through HTTP: tests/test_e2e_llm.py.)"""
     long = _job(tmp_path, lm, {"steps": [{"type": "prune", "sparsity": 0.5}], "text": {**TEXT, "seq_len": 4096}})
-    rc, lines, err = run_sandbox(long)
+    _, lines, _ = run_sandbox(long)
     error = final(lines)
     assert error["type"] == "error" and error["code"] == "bad_dataset", error
     assert "above the model's context of 2048" in error["message"]

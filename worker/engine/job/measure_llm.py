@@ -62,12 +62,15 @@ def _windows(stream: np.ndarray, seq_len: int, batch: int) -> list[np.ndarray]:
     return [rows[np.arange(batch) % n]]
 
 
-def _score(job: JobContext, module, stream: np.ndarray, real: bool, label: str) -> tuple[Perplexity, dict]:
+def _score(job: JobContext, module, stream: np.ndarray, real: bool, label: str, speed: bool = True
+           ) -> tuple[Perplexity, dict]:
+    """Perplexity (and, with `speed`, generation speed alone: the original and the first output are timed
+    side by side instead, in _first_side)."""
     text = job.recipe.text
     with blame("bad_model", f"the {label} failed to run on the eval text"):
         ppl = perplexity(module, stream, text.seq_len, text.stride, text.eval_tokens)
-        speed = generation_speed(module, stream[:PROMPT_TOKENS], text.generate_tokens)
-    summary = {**ppl.summary(), **speed}
+        timed = generation_speed(module, stream[:PROMPT_TOKENS], text.generate_tokens) if speed else {}
+    summary = {**ppl.summary(), **timed}
     if not real:
         summary["perplexity"] = summary["next_token_accuracy"] = None
     return ppl, summary
@@ -79,13 +82,13 @@ def measure_original_llm(job: JobContext, loaded: Loaded) -> Original:
         data = loaded.datasets.get(job.ev.dataset)
         stream, real = _stream(job, model, data)
         stats = metrics.model_stats(model, loaded.model_path)
-        ppl, summary = _score(job, model.handle, stream, real, "original model")
+        ppl, summary = _score(job, model.handle, stream, real, "original model", speed=False)
         stats.update(latency_ms={}, accuracy=summary["next_token_accuracy"], macs=None)
         inputs = _windows(stream, job.recipe.text.seq_len, max(job.ev.batch_sizes))
         outputs = [o for o in job.outputs if o != "safetensors"]
     original = Original(data=data, inputs=inputs, labels=None, examples=[inputs[0][:2]], stats=stats,
                         reference=ppl, original_onnx=None, paired=["torch"], wanted=["torch"],
-                        runnable_outputs=outputs, layers_before=metrics.layer_sparsity(model))
+                        runnable_outputs=outputs, layers_before=metrics.layer_sparsity(model), tokens=stream)
     original.stats["llm"] = {**summary, "runtime": "torch", "real_text": real}
     return original
 
@@ -102,8 +105,8 @@ def measure_result_llm(job: JobContext, loaded: Loaded, original: Original, arti
                                  "or GGUF); its size is reported")
                 continue
             model = _reload(job, art)
-            ppl, summary = _score(job, model.handle, _original_stream(job, loaded, original), _real(original),
-                                  f"result ({art['name']})")
+            ppl, summary = _score(job, model.handle, original.tokens, _real(original),
+                                  f"result ({art['name']})", speed=compressed is not None)
             summary.update(runtime=RUNTIME_NAMES[art["format"]], size_bytes=sizes[art["format"]],
                            agreement=agreement(original.reference, ppl))
             scored[art["format"]] = summary
@@ -111,7 +114,7 @@ def measure_result_llm(job: JobContext, loaded: Loaded, original: Original, arti
                 compressed = _first_side(job, loaded, original, model, art, summary)
                 layers_after = metrics.layer_sparsity(model)
         if compressed is None:
-            raise_nothing_scored(artifacts)
+            _nothing_scored(artifacts)
         compressed["output_sizes"] = sizes
         llm = _section(job, original, scored)
     return Result(stats=compressed, layers_after=layers_after, compact=None, llm=llm)
@@ -127,16 +130,6 @@ def _release(loaded: Loaded) -> None:
         reset_session()
     loaded.model.handle = SimpleNamespace(config=loaded.model.handle.config)
     gc.collect()
-
-
-def _original_stream(job: JobContext, loaded: Loaded, original: Original) -> np.ndarray:
-    data = original.data
-    if isinstance(data, TextDataset):
-        return data.stream
-    if data is not None:
-        return np.ascontiguousarray(next(iter(data.inputs.values()))).reshape(-1).astype(np.int64)
-    return get_format("hf").default_inputs(loaded.model, 1, max(job.recipe.text.eval_tokens, job.recipe.text.seq_len
-                                                                * max(job.ev.batch_sizes)))[0].reshape(-1)
 
 
 def _real(original: Original) -> bool:
@@ -176,8 +169,8 @@ def _first_side(job: JobContext, loaded: Loaded, original: Original, model: Load
                  agreement=summary["agreement"], cosine=None, max_abs_error=None)
     # Generation speed of the original and this output again, alternated: the figures compared side by side.
     text = job.recipe.text
-    before, after = generation_pair([original_again.handle, model.handle], _original_stream(
-        job, loaded, original)[:PROMPT_TOKENS], text.generate_tokens)
+    before, after = generation_pair([original_again.handle, model.handle], original.tokens[:PROMPT_TOKENS],
+                                    text.generate_tokens)
     original.stats["llm"].update(before)
     summary.update(after, paired_with_original=True)
     return stats
@@ -190,7 +183,7 @@ def _served_dtype(original: LoadedModel, result: LoadedModel) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) and result_dtype == dtype else torch.float32
 
 
-def raise_nothing_scored(artifacts: list[dict]) -> None:
+def _nothing_scored(artifacts: list[dict]) -> None:
     from worker.engine.errors import EngineError
 
     raise EngineError("unsupported", f"no output of this causal LM can be scored ({[a['format'] for a in artifacts]}):"

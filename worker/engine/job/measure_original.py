@@ -35,6 +35,7 @@ class Original:
     wanted: list[str]  # runtimes the result is timed on
     runnable_outputs: list[str]  # the outputs that run (all but safetensors)
     layers_before: dict[str, Any]
+    tokens: np.ndarray | None = None  # a causal LM's: what every model is scored on (job/measure_llm.py)
 
 
 def measure_original(job: JobContext, loaded: Loaded) -> Original:

@@ -18,7 +18,7 @@ from worker.engine.formats import get_format
 from worker.engine.formats.base import LoadedModel
 from worker.engine.llm.sensitivity import decoder_layer, layer_sensitivity, mixed_plan
 from worker.engine.passes.base import StepContext, StepReport
-from worker.engine.shared.data import data_source
+from worker.engine.shared.data import data_source, fallback_note
 from worker.engine.shared.selection import select
 
 CALIBRATING = ("gptq", "awq", "w8a8", "sparsegpt", "wanda")
@@ -62,10 +62,7 @@ def _calibration(spec, ctx: StepContext, kind: str, notes: list[str]) -> np.ndar
     if data is None:
         raise EngineError("bad_dataset", f"steps[{ctx.index}]: {kind} calibrates on text: give a calibration "
                                          "dataset (.txt, .jsonl or .parquet; rtn needs none)")
-    if name != spec.dataset:
-        notes.append(f"no {spec.dataset!r} dataset: calibrated on the {name!r} dataset"
-                     + (" (the text perplexity is measured on: the figures may flatter the result)"
-                        if name == "eval" else ""))
+    notes += filter(None, [fallback_note(spec.dataset, name, "the text perplexity is measured on")])
     windows = next(iter(data.inputs.values()))
     samples = spec.calibration_samples if isinstance(spec, QuantizeSpec) else spec.samples
     return np.ascontiguousarray(windows[:samples]).astype(np.int64)
@@ -133,15 +130,14 @@ def _sensitivity(model: LoadedModel, spec, ctx: StepContext, step, modules: list
 def _report(model: LoadedModel, spec, step, llmc: dict[str, Any], before: dict, notes: list[str],
             eight_bit: list[str]) -> StepReport:
     changed = set(llmc.get("modules") or []) | set(eight_bit)
-    bits = 16 if step.kind in ("sparsegpt", "wanda") else step.bits
+    pruned = step.kind in ("sparsegpt", "wanda")  # zeros, not fewer bits: their layers stay 32-bit in memory
     layers = []
     for ref in get_format(model.format).eligible_weights(model):
         module = ref.name.removesuffix(".weight")
         now = ref.read()
         layers.append({"name": ref.name, "shape": list(ref.shape),
                        "sparsity_before": before[ref.name], "sparsity_after": _sparsity(now),
-                       "bits": (8 if module in eight_bit else bits)
-                       if module in changed and step.kind not in ("sparsegpt", "wanda") else 32,
+                       "bits": (8 if module in eight_bit else step.bits) if module in changed and not pruned else 32,
                        "changed": module in changed})
     if not changed:
         raise EngineError("no_effect", f"{step.kind} changed no layer")

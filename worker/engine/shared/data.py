@@ -22,6 +22,15 @@ def data_source(datasets: dict[str, Dataset], preferred: str) -> tuple[Dataset |
     return None, None
 
 
+def fallback_note(preferred: str, used: str, measured: str) -> str | None:
+    """The note when a step's data came from another dataset than it asked for (on `eval`, the data `measured`
+    says what is measured on, the figures may flatter the result), or None."""
+    if used == preferred:
+        return None
+    return f"no {preferred!r} dataset: calibrated on the {used!r} dataset" + \
+        (f" ({measured}: the figures may flatter the result)" if used == "eval" else "")
+
+
 def dataset_arrays(model: LoadedModel, data: Dataset) -> list[np.ndarray]:
     return arrange(data, get_format(model.format).input_specs(model))
 

@@ -42,7 +42,7 @@ from worker.engine.passes.base import Pass, StepContext, StepReport, register
 from worker.engine.passes.quantize.layers import boundary_layers, model_inputs, sparsity
 from worker.engine.passes.quantize.methods import METHODS, QuantTask, handler_for
 from worker.engine.passes.quantize.plan import QuantPlan, amend_report, export_planned
-from worker.engine.shared.data import data_source, dataset_arrays
+from worker.engine.shared.data import data_source, dataset_arrays, fallback_note
 from worker.engine.shared.selection import select
 
 __all__ = ["METHODS", "Quantize"]
@@ -58,10 +58,7 @@ def _calibration(model: LoadedModel, spec: QuantizeSpec, ctx: StepContext, notes
     if data is None:
         raise EngineError("bad_dataset", f"steps[{ctx.index}]: static_int8 calibrates activation ranges on data: give "
                                          "a calibration dataset (or use dynamic_int8, which needs none)")
-    if name != spec.dataset:
-        notes.append(f"no {spec.dataset!r} dataset: calibrated on the {name!r} dataset"
-                     + (" (the data that measures accuracy: the figures may flatter the result)" if name == "eval"
-                        else ""))
+    notes += filter(None, [fallback_note(spec.dataset, name, "the data that measures accuracy")])
     arrays = [a[: spec.calibration_samples] for a in dataset_arrays(model, data)]
     notes.append(f"calibrated on {arrays[0].shape[0]} samples of the {name!r} dataset ({spec.calibration})")
     return arrays, name
