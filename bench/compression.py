@@ -66,38 +66,61 @@ CASES: dict[str, tuple] = {
     # The preset as a user runs it, also timed in eager PyTorch: the issue's bar is against the eager fp32 original.
     "resnet_slim50_distill3_int8": ("resnet", {**PRESETS["slim-50-distill"]["recipe"],
                                                "evaluate": {"runtimes": ["onnxruntime", "torch"]}}),
+    # The most visible preset as a newcomer runs it: no outputs named, so the defaults (the input's format and the
+    # compact safetensors of the pruned weights).
+    "resnet_prune50_preset": ("resnet", PRESETS["prune-50"]["recipe"]),
     "bert_heads50_mlp50_finetune3": ("bert", {"steps": [{"type": "prune", "method": "channel", "sparsity": 0.5,
                                                           "heads": 0.5}, FINETUNE_3], "outputs": ["pt2", "onnx"]}),
 }
 
 
-def _models(workdir: Path) -> dict[str, dict[str, Path]]:
+def _models(workdir: Path, wanted: set[str]) -> dict[str, dict[str, Path]]:
+    """The reference models the cases use (`wanted`: trained only when a case needs them), with their datasets."""
     x_train, y_train, x_test, y_test = modelzoo.digits_split()
     out: dict[str, dict[str, Path]] = {}
+    if "mlp" in wanted:
+        out["mlp"] = _mlp(workdir, x_train, y_train, x_test, y_test)
+    if "cnn" in wanted:
+        out["cnn"] = _cnn(workdir, x_train, y_train, x_test, y_test)
+    if "resnet" in wanted:
+        out["resnet"] = _resnet(workdir, x_train, y_train, x_test, y_test)
+    if "bert" in wanted:
+        out["bert"] = _bert(workdir, x_train, y_train, x_test, y_test)
+    return out
+
+
+def _mlp(workdir: Path, x_train, y_train, x_test, y_test) -> dict[str, Path]:
     mlp = modelzoo.train_mlp(source=modelzoo.MLP_BENCH_SOURCE)
-    out["mlp"] = {"model": modelzoo.export_pt2(mlp, x_test, workdir / "mlp.pt2"),
-                  "train": modelzoo.write_npz(workdir / "mlp-train.npz", x_train, y_train),
-                  "eval": modelzoo.write_npz(workdir / "mlp-eval.npz", x_test, y_test)}
+    return {"model": modelzoo.export_pt2(mlp, x_test, workdir / "mlp.pt2"),
+            "train": modelzoo.write_npz(workdir / "mlp-train.npz", x_train, y_train),
+            "eval": modelzoo.write_npz(workdir / "mlp-eval.npz", x_test, y_test)}
+
+
+def _cnn(workdir: Path, x_train, y_train, x_test, y_test) -> dict[str, Path]:
     cnn = modelzoo.train_cnn(source=modelzoo.CNN_BENCH_SOURCE)
-    out["cnn"] = {"model": modelzoo.write_package(cnn, workdir / "cnn.zip", modelzoo.CNN_BENCH_SOURCE),
-                  "train": modelzoo.write_npz(workdir / "cnn-train.npz", modelzoo.as_images(x_train), y_train),
-                  "eval": modelzoo.write_npz(workdir / "cnn-eval.npz", modelzoo.as_images(x_test), y_test)}
+    return {"model": modelzoo.write_package(cnn, workdir / "cnn.zip", modelzoo.CNN_BENCH_SOURCE),
+            "train": modelzoo.write_npz(workdir / "cnn-train.npz", modelzoo.as_images(x_train), y_train),
+            "eval": modelzoo.write_npz(workdir / "cnn-eval.npz", modelzoo.as_images(x_test), y_test)}
+
+
+def _resnet(workdir: Path, x_train, y_train, x_test, y_test) -> dict[str, Path]:
     size = modelzoo.RESNET_BENCH_SIZE
     resnet = modelzoo.train_resnet(source=modelzoo.RESNET_BENCH_SOURCE, size=size)
-    out["resnet"] = {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_BENCH_SOURCE),
-                     "train": modelzoo.write_npz(workdir / "resnet-train.npz",
-                                                 modelzoo.as_resnet_input(x_train, size), y_train),
-                     "train_unlabelled": modelzoo.write_npz(workdir / "resnet-train-unlabelled.npz",
-                                                            modelzoo.as_resnet_input(x_train, size)),
-                     "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test, size),
-                                                y_test)}
+    return {"model": modelzoo.write_package(resnet, workdir / "resnet.zip", modelzoo.RESNET_BENCH_SOURCE),
+            "train": modelzoo.write_npz(workdir / "resnet-train.npz", modelzoo.as_resnet_input(x_train, size),
+                                        y_train),
+            "train_unlabelled": modelzoo.write_npz(workdir / "resnet-train-unlabelled.npz",
+                                                   modelzoo.as_resnet_input(x_train, size)),
+            "eval": modelzoo.write_npz(workdir / "resnet-eval.npz", modelzoo.as_resnet_input(x_test, size), y_test)}
+
+
+def _bert(workdir: Path, x_train, y_train, x_test, y_test) -> dict[str, Path]:
     bert = modelzoo.build_tiny_bert(epochs=BERT_EPOCHS, **BERT_SIZE)
-    out["bert"] = {"model": modelzoo.write_hf_zip(bert, workdir / "bert.zip"),
-                   "train": modelzoo.write_npz(workdir / "bert-train.npz",
-                                               {"input_ids": modelzoo.digits_tokens(x_train)}, y_train),
-                   "eval": modelzoo.write_npz(workdir / "bert-eval.npz",
-                                              {"input_ids": modelzoo.digits_tokens(x_test)}, y_test)}
-    return out
+    return {"model": modelzoo.write_hf_zip(bert, workdir / "bert.zip"),
+            "train": modelzoo.write_npz(workdir / "bert-train.npz", {"input_ids": modelzoo.digits_tokens(x_train)},
+                                        y_train),
+            "eval": modelzoo.write_npz(workdir / "bert-eval.npz", {"input_ids": modelzoo.digits_tokens(x_test)},
+                                       y_test)}
 
 
 def _row(job: dict) -> dict:
@@ -138,7 +161,8 @@ def _vs_eager(original: dict, compressed: dict) -> dict:
 
 
 def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
-    files = _models(workdir)
+    cases = cases or list(CASES)
+    files = _models(workdir, {CASES[case][0] for case in cases})
     data_dir = workdir / "server"
     data_dir.mkdir()
     stack = Stack(make_backend("sqlite", data_dir), data_dir, workdir, SQUEEZE_SANDBOX_THREADS="2")
@@ -154,7 +178,7 @@ def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
                 role: client.post(f"/v1/{'models' if role == 'model' else 'datasets'}",
                                   params={"name": path.name}, content=path.read_bytes()).json()["id"]
                 for role, path in paths.items()}
-        for case in cases or list(CASES):
+        for case in cases:
             model_name, recipe, *roles = CASES[case]
             ids = uploaded[model_name]
             roles = {"train": "train", "calibration": "train", "eval": "eval", **(roles[0] if roles else {})}
@@ -179,3 +203,37 @@ def bench_compression(workdir: Path, cases: list[str] | None = None) -> dict:
     return {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
             for name, row in results.items()}
 
+
+
+def merge(rows: dict[str, dict], command: str) -> Path:
+    """Cases run on their own (`python -m bench.compression CASE ...`) merged into bench/results/compression.json:
+    the other rows kept as they were measured, each rerun row stamped with the date and CPU flags it ran on (the
+    file's environment is the last whole-suite run's), and bench/RESULTS.md rendered again."""
+    from bench.run import RESULTS, environment, hand_notes, render
+
+    path = RESULTS / "compression.json"
+    result = json.loads(path.read_text())
+    env = environment()
+    for figures in rows.values():
+        figures["measured"] = f"{env['date']}, {env['cores']} cores, CPU flags {env['cpu_flags']}"
+    result["results"].update(rows)
+    result["rerun"] = command
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    everything = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+    target = RESULTS.parent / "RESULTS.md"
+    target.write_text(render(everything) + hand_notes(target))
+    return path
+
+
+if __name__ == "__main__":  # python -m bench.compression CASE ...: those cases run again, merged into the results
+    import sys
+    import tempfile
+
+    names = sys.argv[1:]
+    if not names or set(names) - set(CASES):
+        sys.exit(f"usage: python -m bench.compression CASE ... (cases: {' '.join(CASES)})")
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-compression-") as scratch:
+        done = bench_compression(Path(scratch), names)
+    print(json.dumps(done, indent=2))
+    print(merge(done, f"python -m bench.compression {' '.join(names)} ({round(time.time() - started, 1)} s)"))

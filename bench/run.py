@@ -106,6 +106,8 @@ TARGETS = {  # the issues' targets, checked against the measured figures in RESU
                              and r["hash_or_etag_mismatches"] == 0),
     "job_overhead_warm": ("fixed job overhead (wall minus engine time) <= 1 s with a warm sandbox",
                           lambda r: r["median_overhead_s"] <= 1.0 and all(j["warm"] for j in r["jobs"])),
+    "resnet_prune50_preset": ("the prune-50 preset with its default outputs: size ratio above 1.5x",
+                              lambda r: r.get("size_ratio", 0) > 1.5),
     "resnet_palette16": ("safetensors >= 6x smaller, accuracy drop <= 0.5 point",
                          lambda r: r.get("size_ratio", 0) >= 6 and r.get("accuracy_drop", 1) <= 0.005),
     "large_pt2_2gib_prune50": ("the job succeeds; API and worker each peak below 1/8 of the file (streamed); the "
@@ -139,6 +141,8 @@ def render(results: dict[str, dict]) -> str:
         lines += [f"## {name}", "", f"Command: `{result['command']}` ({result['seconds']} s, {env['date']}, "
                   f"{env['cores']} cores, CPU flags {env.get('cpu_flags', 'not recorded')}, torch {env['torch']}, "
                   f"Python {env['python']})", "",
+                  *([f"Rows rerun since, each stamped with its host: `{result['rerun']}`", ""]
+                    if result.get("rerun") else []),
                   "| benchmark | figures | target | met |", "|---|---|---|---|"]
         for key, figures in result["results"].items():
             summary = {k: ("/".join(v) or "-") if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
