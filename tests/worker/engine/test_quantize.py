@@ -89,13 +89,14 @@ def _ort_optimized_ops(path: Path, workdir: Path) -> list[str]:
 
 
 def test_flatten_channels_last_keeps_the_float_model_and_drops_the_int8_layout_transpose(tmp_path, cnn, digits):
+    from worker.engine.passes.quantize import onnx_rewrites
     from worker.engine.passes.quantize import ort as ort_quant
 
     x_train, _, x_test, _ = digits
     images, calibration = mz.as_images(x_test), mz.as_images(x_train[:256])
     fp32 = mz.export_onnx(cnn, images, tmp_path / "cnn.onnx")
     proto = onnx.load(str(fp32))
-    assert ort_quant.flatten_channels_last(proto) == 1
+    assert onnx_rewrites.flatten_channels_last(proto) == 1
     onnx.save(proto, str(tmp_path / "cnn-channels-last.onnx"))
     before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "cnn-channels-last.onnx"))
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)  # a permutation, not an approximation
@@ -136,21 +137,22 @@ def test_resnet_tail_runs_in_int8_after_the_spatial_mean_rewrite(tmp_path, digit
     """AdaptiveAvgPool2d(1) exports as ReduceMean, which has no int8 kernel: the last block's residual Add, its
     ReLU and the pooling used to run in float behind a DequantizeLinear. Rewritten as GlobalAveragePool (same
     values) and quantized with ONNX Runtime's full op set, the graph stays int8 up to the float classifier."""
+    from worker.engine.passes.quantize import onnx_nodes, onnx_rewrites
     from worker.engine.passes.quantize import ort as ort_quant
 
     x_train, _, _, _ = digits
     fp32, images = untrained_resnet_onnx
     proto = onnx.load(str(fp32))
     assert "ReduceMean" in {n.op_type for n in proto.graph.node}
-    assert ort_quant.spatial_mean_to_global_pool(proto) == 1
+    assert onnx_rewrites.spatial_mean_to_global_pool(proto) == 1
     assert "ReduceMean" not in {n.op_type for n in proto.graph.node}
     onnx.save(proto, str(tmp_path / "resnet-pool.onnx"))
     before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "resnet-pool.onnx"))
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
 
     proto = onnx.load(str(fp32))
-    ort_quant.name_nodes(proto)
-    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+    onnx_nodes.name_nodes(proto)
+    head = [node.name for node, _ in onnx_nodes.weight_nodes(proto)][-1]
     quantized, notes, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(x_train[:256])],
                                                     calibration="minmax", per_channel=True, exclude=[head],
                                                     workdir=tmp_path, keep_norm=True)
@@ -213,7 +215,7 @@ def test_dynamic_int8_transformer_to_onnx(tmp_path, digits):
     # The weights are in the range this host's int8 kernels compute exactly (7 bits without VNNI), so the file
     # gives here what exact integer arithmetic gives.
     from worker.engine.cpu import host_flags
-    from worker.engine.passes.quantize.ort import int8_kernel
+    from worker.engine.passes.quantize.int8_kernel import int8_kernel
 
     assert report["steps"][0]["int8_kernel"] == int8_kernel(host_flags())
     tokens = mz.digits_tokens(x_test)
@@ -261,7 +263,7 @@ def _exact_matmul_integer(proto: onnx.ModelProto) -> onnx.ModelProto:
     ({"fp", "asimd", "asimddp"}, "aarch64", False),                            # ARM: no int16 saturation
 ])
 def test_int8_kernel_follows_the_cpu_features(flags, machine, reduce_range):
-    from worker.engine.passes.quantize.ort import int8_kernel, int8_kernel_note
+    from worker.engine.passes.quantize.int8_kernel import int8_kernel, int8_kernel_note
 
     kernel = int8_kernel(None if flags is None else frozenset(flags), machine)
     assert set(kernel) == {"cpu_features", "vnni", "reduce_range", "reason"}
@@ -315,10 +317,12 @@ def test_int8_kernel_choice_is_exact_where_chosen(tmp_path, digits, cnn):
 
     from worker.engine.cpu import host_flags
     from worker.engine.formats import LoadedModel, get_format
+    from worker.engine.passes.quantize import onnx_nodes
     from worker.engine.passes.quantize import ort as ort_quant
+    from worker.engine.passes.quantize.int8_kernel import int8_kernel
 
-    host = ort_quant.int8_kernel(host_flags())
-    seven, eight = ort_quant.int8_kernel({"avx2"}, "x86_64"), ort_quant.int8_kernel({"avx512_vnni"}, "x86_64")
+    host = int8_kernel(host_flags())
+    seven, eight = int8_kernel({"avx2"}, "x86_64"), int8_kernel({"avx512_vnni"}, "x86_64")
     _, _, x_test, _ = digits
     tokens = mz.digits_tokens(x_test)
     bert = mz.build_tiny_bert(epochs=2)
@@ -342,8 +346,8 @@ def test_int8_kernel_choice_is_exact_where_chosen(tmp_path, digits, cnn):
     images, calibration = mz.as_images(x_test), mz.as_images(digits[0][:256])
     fp32 = mz.export_onnx(cnn, images, tmp_path / "cnn.onnx")
     proto = onnx.load(str(fp32))
-    ort_quant.name_nodes(proto)
-    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+    onnx_nodes.name_nodes(proto)
+    head = [node.name for node, _ in onnx_nodes.weight_nodes(proto)][-1]
 
     def run(path: Path, fused: bool) -> np.ndarray:
         options = ort.SessionOptions()
@@ -372,7 +376,7 @@ def test_the_step_report_records_the_int8_kernel_choice(tmp_path, zoo):
     """The quantize step reports the CPU features it saw and the weight range it chose for them, and the ONNX
     output has weights of that range."""
     from worker.engine.cpu import host_flags
-    from worker.engine.passes.quantize.ort import int8_kernel
+    from worker.engine.passes.quantize.int8_kernel import int8_kernel
 
     job = make_job(tmp_path, zoo["onnx"], "onnx", [{"type": "quantize", "method": "dynamic_int8"}],
                    datasets={"eval": zoo["eval"]})
@@ -528,26 +532,27 @@ def test_pad_input_channels_keeps_the_float_model_and_the_stem_runs_as_an_int8_c
                                                                                       untrained_resnet_onnx):
     """A 1-channel stem zero-padded to 4 input channels computes the same; quantized with it, every conv of the
     graph ONNX Runtime runs is an int8 QLinearConv."""
+    from worker.engine.passes.quantize import onnx_nodes, onnx_rewrites
     from worker.engine.passes.quantize import ort as ort_quant
 
     fp32, images = untrained_resnet_onnx
     proto = onnx.load(str(fp32))
-    ort_quant.name_nodes(proto)
+    onnx_nodes.name_nodes(proto)
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     stem, inner = convs[0].name, convs[1].name
     # Only named convs that read a graph input with < 4 channels are padded.
-    assert ort_quant.pad_input_channels(proto, [inner]) == []
-    pads = ort_quant.pad_input_channels(proto, [stem, inner])
+    assert onnx_rewrites.pad_input_channels(proto, [inner]) == []
+    pads = onnx_rewrites.pad_input_channels(proto, [stem, inner])
     assert pads == [stem + "_pad_channels"]
     weights = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     stem_node = next(n for n in proto.graph.node if n.name == stem)
-    assert weights[stem_node.input[1]][1] == ort_quant.PADDED_CHANNELS
+    assert weights[stem_node.input[1]][1] == onnx_rewrites.PADDED_CHANNELS
     assert next(n for n in proto.graph.node if n.name == pads[0]).op_type == "Pad"
     onnx.save(proto, str(tmp_path / "padded.onnx"))
     before, after = (onnx_predict(p, images) for p in (fp32, tmp_path / "padded.onnx"))
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # zero weights on zero inputs: exact
 
-    head = [node.name for node, _ in ort_quant.weight_nodes(proto)][-1]
+    head = [node.name for node, _ in onnx_nodes.weight_nodes(proto)][-1]
     quantized, _, _ = ort_quant.quantize_static(proto, [mz.as_resnet_input(digits[0][:128])], calibration="minmax",
                                                 per_channel=True, exclude=[head, *pads], workdir=tmp_path,
                                                 keep_norm=True)
@@ -653,11 +658,12 @@ def test_every_method_has_one_registered_handler():
 def _quantize_cnn_with_first_layer_trial(cnn, digits, workdir: Path):
     """The trained CNN as fp32 ONNX, static int8 with its stem conv left float by the default (so tried in int8
     too, timed at one thread and batch 32) -> quantize_static's StaticInt8."""
+    from worker.engine.passes.quantize import onnx_nodes
     from worker.engine.passes.quantize import ort as ort_quant
 
     x_train, _, x_test, _ = digits
     proto = onnx.load(str(mz.export_onnx(cnn, mz.as_images(x_test), workdir / "cnn.onnx")))
-    ort_quant.name_nodes(proto)
+    onnx_nodes.name_nodes(proto)
     first = next(n.name for n in proto.graph.node if n.op_type == "Conv")
     return ort_quant.quantize_static(
         proto, [mz.as_images(x_train[:64])], calibration="minmax", per_channel=True, exclude=[first],

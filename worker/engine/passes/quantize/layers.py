@@ -35,7 +35,7 @@ def boundary_layers(model: LoadedModel, refs: list[WeightRef], sample: list[np.n
     if model.format in ("package", "hf") and sample is not None:
         return _eager_boundaries(model.handle, names, sample)
     if model.format == "onnx":
-        from worker.engine.passes.quantize.ort import node_layer, weight_nodes
+        from worker.engine.passes.quantize.onnx_nodes import node_layer, weight_nodes
 
         graph = model.handle.graph
         inputs = {i.name for i in graph.input}

@@ -78,7 +78,7 @@ class _GraphMethod(Method):
         kernel = None
         if model.format == "onnx" or "onnx" in outputs:
             # ONNX Runtime quantizes: weights of the range this CPU's int8 kernels compute exactly.
-            from worker.engine.passes.quantize.ort import host_int8_kernel, int8_kernel_note
+            from worker.engine.passes.quantize.int8_kernel import host_int8_kernel, int8_kernel_note
 
             kernel = host_int8_kernel()
             task.notes.append(int8_kernel_note(kernel))
@@ -179,15 +179,15 @@ class Binary(Method):
 
 def _onnx_now(task: QuantTask, kernel: dict | None) -> list[str]:
     """An ONNX model's graph quantized at once by ONNX Runtime (the handle is replaced)."""
-    from worker.engine.passes.quantize import ort
+    from worker.engine.passes.quantize import onnx_nodes, ort
 
     spec, model, ctx = task.spec, task.model, task.ctx
     proto = model.handle
-    ort.name_nodes(proto)
+    onnx_nodes.name_nodes(proto)
     layers = [r.name for r in task.eligible]
-    exclude, quantized, _ = ort.exclusions(proto, set(task.kept), layers, "norm" in spec.kept_kinds)
+    exclude, quantized, _ = onnx_nodes.exclusions(proto, set(task.kept), layers, "norm" in spec.kept_kinds)
     if spec.method == "static_int8":
-        first_nodes = ort.layer_nodes(proto, task.first_by_default, layers)
+        first_nodes = onnx_nodes.layer_nodes(proto, task.first_by_default, layers)
         result, more, first_quantized = ort.quantize_static(
             proto, task.calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
             workdir=ctx.workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes,
@@ -203,7 +203,7 @@ def _onnx_now(task: QuantTask, kernel: dict | None) -> list[str]:
     if not int8:
         raise EngineError("no_effect", f"steps[{ctx.index}]: onnxruntime {spec.method} left no int8 weight")
     model.handle = result
-    done = sorted({ort.layer_of(n, layers) for n in int8} - {None})
+    done = sorted({onnx_nodes.layer_of(n, layers) for n in int8} - {None})
     # A weight that only reaches its layer through a constant-folded copy has another name: count it by layer.
     task.extra["int8_initializers"] = len(int8)
     return done or quantized

@@ -31,7 +31,7 @@ class QuantPlan:
     first_by_default: list[str] = field(default_factory=list)  # kept float only by the default: ONNX may quantize
     timing: tuple[int, int] = (1, 32)  # the job's (threads, batch), for that choice
     onnx_first_quantized: list[str] = field(default_factory=list)  # of first_by_default, int8 in the ONNX output
-    int8_kernel: dict | None = None  # ort.int8_kernel, chosen by the step for the ONNX output (None: the host's)
+    int8_kernel: dict | None = None  # int8_kernel.int8_kernel: the step's choice for the ONNX output (None: the host's)
 
 
 def export_planned(plan: QuantPlan, fmt: ModelFormat, model: LoadedModel, target: str, path: Path,
@@ -66,21 +66,22 @@ def _export_onnx(fmt: ModelFormat, float_model: LoadedModel, plan: QuantPlan, pa
                  examples: list[np.ndarray] | None, workdir: Path) -> list[str]:
     import onnx
 
-    from worker.engine.passes.quantize import ort
+    from worker.engine.passes.quantize import onnx_nodes, ort
+    from worker.engine.passes.quantize.int8_kernel import host_int8_kernel
 
     tmp = workdir / "quantize-export.onnx"
     notes = fmt.export(float_model, "onnx", tmp, examples)
     proto = onnx.load(str(tmp))
-    ort.name_nodes(proto)
+    onnx_nodes.name_nodes(proto)
     spec = plan.spec
-    kernel = plan.int8_kernel or ort.host_int8_kernel()
+    kernel = plan.int8_kernel or host_int8_kernel()
     bits = ", in 7 bits: reduce_range, see the step's int8_kernel" if kernel["reduce_range"] else ""
-    exclude, _, unmatched = ort.exclusions(proto, set(plan.kept), plan.layers, "norm" in spec.kept_kinds)
+    exclude, _, unmatched = onnx_nodes.exclusions(proto, set(plan.kept), plan.layers, "norm" in spec.kept_kinds)
     if unmatched:
         notes.append(f"onnx: {len(unmatched)} weight(s) of the exported graph are not among the step's layers "
                      f"(embeddings, constants) and are quantized as ONNX Runtime sees fit: {unmatched[:10]}")
     if spec.method == "static_int8":
-        first_nodes = ort.layer_nodes(proto, plan.first_by_default, plan.layers)
+        first_nodes = onnx_nodes.layer_nodes(proto, plan.first_by_default, plan.layers)
         result, more, first_quantized = ort.quantize_static(
             proto, plan.calibration, calibration=spec.calibration, per_channel=spec.per_channel, exclude=exclude,
             workdir=workdir, keep_norm="norm" in spec.kept_kinds, first_layers=first_nodes, timing=plan.timing,
