@@ -22,7 +22,7 @@ whatever `targets`/`ignore` leave out; the report lists each with its reason. A 
 static_int8's default is timed in int8 too when the output is ONNX, and quantized there where that is faster
 (ort.quantize_static; the pass's `finalize` brings the step report in line once the output is written).
 Where ONNX Runtime quantizes, the step report's `int8_kernel` (and a note) records the CPU features seen and the
-weight range chosen for them: 7 bits on an x86 CPU without VNNI, whose int8 kernels saturate with 8 (ort.int8_kernel).
+weight range chosen for them: 7 bits on an x86 CPU without VNNI, whose int8 kernels saturate with 8 (int8_kernel.int8_kernel).
 """
 
 from __future__ import annotations
