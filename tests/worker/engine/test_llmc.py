@@ -105,6 +105,24 @@ def test_gptq_puts_weights_on_the_int4_group_grid(act_order, calibration, probe,
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["llmc-config"]
 
 
+def test_a_calibrated_model_is_freed_once_dropped(calibration, tmp_path):
+    """llm-compressor's sequential tracing registers pieces of the model's forward with torch.fx.wrap, whose
+    process-wide registry kept the model alive: the job's result stage then held two models (bench/llm_memory.py).
+    The job resets llm-compressor's session once the outputs are written (worker/engine/job/measure_llm.py)."""
+    import gc
+    import weakref
+
+    from llmcompressor.core import reset_session
+
+    model = tiny_llama()
+    run(model, LlmcStep(kind="gptq", group_size=32), calibration, tmp_path)
+    reset_session()
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_rtn_forward_uses_the_quantized_weights(probe, tmp_path):
     model = tiny_llama()
     original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()

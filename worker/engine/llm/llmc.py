@@ -280,6 +280,24 @@ def _no_pinning_without_accelerator() -> Iterator[None]:
         IntermediatesCache._pin_intermediate = original
 
 
+@contextlib.contextmanager
+def _forget_fx_wraps() -> Iterator[None]:
+    """llm-compressor's sequential pipeline rewrites each traced forward in a copy of its module's namespace holding
+    `self` (the model) and registers the rewritten pieces with `torch.fx.wrap`, whose module-level registry keeps
+    that namespace for the life of the process: the whole model stayed resident after the job let it go (a second
+    model's worth of memory in the result stage, bench/llm_memory.py). The registrations made during the run are
+    dropped when it ends."""
+    from torch.fx import _symbolic_trace
+
+    registry = _symbolic_trace._wrapped_fns_to_patch
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for key in set(registry) - before:
+            del registry[key]
+
+
 def _run_oneshot(model: torch.nn.Module, recipe: list, calibration: torch.Tensor | None, workdir: Path) -> None:
     from llmcompressor import oneshot
 
@@ -288,7 +306,7 @@ def _run_oneshot(model: torch.nn.Module, recipe: list, calibration: torch.Tensor
         kwargs = {"dataset": _calibration_dataset(calibration), "processor": _placeholder_tokenizer(),
                   "num_calibration_samples": int(calibration.shape[0]), "max_seq_length": int(calibration.shape[1]),
                   "shuffle_calibration_samples": False, "batch_size": 1}
-    with (_config_on_disk(model, workdir / "llmc-config"), _no_pinning_without_accelerator(),
+    with (_config_on_disk(model, workdir / "llmc-config"), _no_pinning_without_accelerator(), _forget_fx_wraps(),
           blame("unsupported", "llm-compressor failed on this model")):
         oneshot(model=model, recipe=recipe, output_dir=None, log_dir=None, **kwargs)
 
