@@ -8,9 +8,9 @@ ValidationError naming the field that does not fit; `Report.model_json_schema()`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 REPORT_SCHEMA_VERSION = 1
 Number = int | float
@@ -96,10 +96,29 @@ class Run(_Open):
     step_seconds: list[Number | None]
 
 
+class Recommended(BaseModel):
+    """One model on one runtime, as the deploy recommendation names it."""
+
+    model_config = ConfigDict(extra="forbid")
+    runtime: str = Field(..., min_length=1)
+    format: str = Field(..., min_length=1)  # the artifact to deploy (the original's fp32 ONNX export for "original")
+    model: Literal["result", "original"]
+    latency_ms: Number = Field(..., ge=0)  # the median at this batch size
+
+
+class Recommendation(Recommended):
+    runner_up: Recommended | None  # the fastest on another runtime or format; None when nothing else ran
+
+
+RECOMMENDATION = TypeAdapter(dict[Annotated[str, Field(pattern=r"^[1-9][0-9]*$")], Recommendation])
+
+
 class Metrics(_Open):
     """Also, in reports written since issue 17 (absent before, so not declared: an older report dumps unchanged):
     `flag_reasons` ({flag: one-line reason}, worker/engine/job/flags.py) and `size_ratio_output` (the output the
-    headline `ratios.size` is of: the smallest the job wrote); checked by `_newer_fields`."""
+    headline `ratios.size` is of: the smallest the job wrote); since issue 19, `recommendation` (batch size ->
+    `Recommendation`: the fastest runtime and format measured, worker/engine/job/report.py); checked by
+    `_newer_fields`."""
 
     original: Side
     compressed: Result
@@ -118,6 +137,11 @@ class Metrics(_Open):
                 raise ValueError("flag_reasons must give each flag (and only those) a one-line reason")
         if not isinstance(extra.get("size_ratio_output", ""), str):
             raise ValueError("size_ratio_output must name an output format")
+        if "recommendation" in extra:
+            try:
+                RECOMMENDATION.validate_python(extra["recommendation"])
+            except ValidationError as exc:
+                raise ValueError(f"recommendation: {exc}") from None
         return self
 
 

@@ -37,7 +37,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 SANDBOX_CODES = ("resource_limit", "timeout", "sandbox_crashed", "bad_artifact")
 KNOWN_CODES = frozenset((*SANDBOX_CODES, "worker_lost", "guard_failed", "internal", "input_missing", "bad_model",
                          "unsupported", "unsupported_pattern", "bad_dataset", "bad_teacher", "no_effect", "diverged",
-                         "device_unavailable", "engine_error", "artifact_lost"))
+                         "device_unavailable", "runtime_unavailable", "engine_error", "artifact_lost"))
 # Reading jobs finished "since the last scrape" looks back this far, so a job committed late is still seen.
 OVERLAP = timedelta(minutes=2)
 

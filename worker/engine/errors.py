@@ -7,7 +7,7 @@ from typing import Iterator
 
 # Codes the sandbox reports with exit status 2 (the user's model, data or recipe, not our bug).
 USER_CODES = frozenset({"bad_model", "bad_dataset", "no_effect", "unsupported", "unsupported_pattern", "diverged",
-                        "bad_teacher", "device_unavailable"})
+                        "bad_teacher", "device_unavailable", "runtime_unavailable"})
 
 
 class EngineError(Exception):

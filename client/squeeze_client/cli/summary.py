@@ -117,6 +117,31 @@ def reasons(job) -> list[str]:
     return lines
 
 
+def _ms(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.3g} ms" if value < 1000 else f"{value:.0f} ms"  # three figures, never 1.23e+03
+
+
+def recommendation_lines(metrics: dict[str, Any] | None) -> list[str]:
+    """One line per batch size of the report's deploy recommendation (metrics.recommendation: the fastest runtime
+    and format measured, and the runner-up on another runtime or format); none from servers before it."""
+    rec = (metrics or {}).get("recommendation")
+    if not isinstance(rec, dict):
+        return []
+    lines = []
+    for batch, best in sorted(rec.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+        if not isinstance(best, dict):
+            continue
+        line = f"b{batch} fastest: {best.get('runtime')}, {best.get('format')} ({best.get('model')}) " \
+               f"{_ms(best.get('latency_ms'))}"
+        nxt = best.get("runner_up")
+        if isinstance(nxt, dict):
+            line += f"; next: {nxt.get('runtime')}, {nxt.get('format')} {_ms(nxt.get('latency_ms'))}"
+        lines.append(line)
+    return lines
+
+
 def report_notes(report: dict[str, Any] | None) -> list[str]:
     """The notes of report.json (the job's, then each step's): what the engine decided for the user, such as
     calibrating on the eval set when no calibration dataset was given."""
@@ -129,12 +154,15 @@ def report_notes(report: dict[str, Any] | None) -> list[str]:
 
 
 def print_results(console, job, report: dict[str, Any] | None = None) -> None:
-    """The table (and a language model's perplexity and speed, metrics.llm), then its reasons and the report's
-    notes (each wrapped to the terminal)."""
+    """The table (and a language model's perplexity and speed, metrics.llm), the fastest runtime per batch size,
+    then its reasons and the report's notes (each wrapped to the terminal)."""
     console.print(results_table(job))
     llm = (job.metrics or {}).get("llm")
     if isinstance(llm, dict):
         print_llm(console, llm)
+    for line in recommendation_lines(job.metrics):
+        console.print(textwrap.fill(line, max(40, min(console.width, 80)), initial_indent="  ",
+                                    subsequent_indent="    "), highlight=False)
     width = max(40, min(console.width, 100))
     for line in reasons(job) + report_notes(report):
         console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), highlight=False)

@@ -1,4 +1,4 @@
-"""ONNX models, run with onnxruntime. Weights are initializers; external data only from beside the model."""
+"""ONNX models, run with onnxruntime (or OpenVINO: _openvino.py). Weights are initializers; external data only from beside the model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from onnx import external_data_helper, numpy_helper
 
 from worker.engine.errors import EngineError
+from worker.engine.formats._openvino import onnx_runner
 from worker.engine.formats.base import InputSpec, LoadedModel, ModelFormat, Runner, WeightRef, register
 
 # op type -> input positions that hold a layer weight (MatMulInteger/ConvInteger: ONNX Runtime dynamic int8).
@@ -49,7 +50,7 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
 class OnnxFormat(ModelFormat):
     name = "onnx"
     suffix = ".onnx"
-    runtimes = ("onnxruntime",)
+    runtimes = ("onnxruntime", "openvino")
 
     def load(self, path: Path, workdir: Path) -> LoadedModel:
         try:
@@ -149,8 +150,10 @@ class OnnxFormat(ModelFormat):
         return ort.InferenceSession(model.handle.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     def runner(self, model: LoadedModel, runtime: str, threads: int) -> Runner:
+        if runtime == "openvino":
+            return onnx_runner(model.handle.SerializeToString(), threads)
         if runtime != "onnxruntime":
-            raise EngineError("unsupported", f"an ONNX model runs on onnxruntime, not {runtime}")
+            raise EngineError("unsupported", f"an ONNX model runs on onnxruntime or openvino, not {runtime}")
         # A fresh session each time: passes edit initializers, and a session holds its own copy.
         session = self._session(model, threads)
         names = [i.name for i in session.get_inputs()]

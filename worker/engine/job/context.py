@@ -12,6 +12,7 @@ from typing import Any, Iterator, Protocol
 from app.recipes import EvaluateSpec, Recipe
 from worker.engine.errors import EngineError
 from worker.engine.formats import get_format
+from worker.engine.formats._openvino import require_openvino
 from worker.engine.formats.base import ModelFormat
 
 
@@ -87,6 +88,8 @@ def open_job(jobdir: Path, channel: Channel) -> JobContext:
     (jobdir / "work").mkdir(exist_ok=True)
     fmt = get_format(in_format)
     ev = recipe.evaluate
+    if "openvino" in (ev.runtimes or ()):  # runtime_unavailable now, not after the steps
+        require_openvino()
     notes = []
     if ev.threads and ev.threads > threads:
         notes.append(f"evaluate.threads {ev.threads} capped to the sandbox's {threads}")

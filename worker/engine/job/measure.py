@@ -19,9 +19,9 @@ def measure(model: LoadedModel, path: Path, ev: EvaluateSpec, runtimes: list[str
     `inputs` (for accuracy and fidelity)."""
     fmt = get_format(model.format)
     stats = metrics.model_stats(model, path)
-    runnable = [rt for rt in runtimes if rt in fmt.runtimes] or [fmt.runtimes[0]]
-    if runnable[0] == "torch-compile":  # outputs from the eager run: a compile per predict chunk size is waste
-        runnable.insert(0, fmt.runtimes[0])
+    # Outputs (accuracy, fidelity) always from the format's own runtime, whatever else is timed: the original's and
+    # the result's then come from the same runtime (and a torch-compile compile per predict chunk size is waste).
+    runnable = [fmt.runtimes[0], *(rt for rt in runtimes if rt in fmt.runtimes)]
     guard = blame(blame_code, f"the {label} model failed to run on the evaluation inputs") if blame_code \
         else contextlib.nullcontext()
     fixed = fmt.fixed_batch(model)

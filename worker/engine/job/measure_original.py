@@ -30,7 +30,7 @@ class Original:
     examples: list[np.ndarray]  # example inputs for exporting
     stats: dict[str, Any]  # the original as measured (metrics' "original")
     reference: Any  # its outputs on `inputs`
-    original_onnx: LoadedModel | None  # a torch original's fp32 ONNX export, timed on onnxruntime
+    original_onnx: LoadedModel | None  # a torch original's fp32 ONNX export, timed on the ONNX runtimes
     paired: list[str]  # runtimes timed alternately with the result
     wanted: list[str]  # runtimes the result is timed on
     runnable_outputs: list[str]  # the outputs that run (all but safetensors)
@@ -47,21 +47,23 @@ def measure_original(job: JobContext, loaded: Loaded) -> Original:
         inputs, labels = _eval_inputs(job, model, data)
         examples = fmt.example_inputs(model) or [a[:2] for a in inputs]
         original_runtimes, wanted, runnable_outputs, result_rts = _runtimes(job)
-        # A torch original is timed on onnxruntime as its own fp32 ONNX export: int8 ONNX against fp32 ONNX.
-        original_onnx = _as_onnx(job, model, examples) \
-            if "onnxruntime" in original_runtimes and "onnxruntime" not in fmt.runtimes else None
-        original_rts = set(fmt.runtimes) | ({"onnxruntime"} if original_onnx is not None else set())
+        # A torch original is timed on the ONNX runtimes as its own fp32 ONNX export: int8 ONNX against fp32 ONNX.
+        onnx_format = get_format("onnx")
+        onnx_rts = [rt for rt in original_runtimes if rt in onnx_format.runtimes and rt not in fmt.runtimes]
+        original_onnx = _as_onnx(job, model, examples, onnx_rts) if onnx_rts else None
+        original_rts = set(fmt.runtimes) | (set(onnx_rts) if original_onnx is not None else set())
         paired = sorted(set(original_runtimes) & original_rts & set(wanted) & result_rts)
         stats, reference = measure(model, loaded.model_path, ev, original_runtimes, inputs, labels,
                                    job.timing_threads, "original", blame_code="bad_model", notes=job.notes,
                                    skip_latency=paired)
-        if original_onnx is not None and "onnxruntime" not in paired:
-            onnx_format = get_format("onnx")
+        for rt in onnx_rts if original_onnx is not None else ():
+            if rt in paired:
+                continue
             with blame("bad_model", "the original's ONNX export failed to run"):
-                stats["latency_ms"]["onnxruntime"] = metrics.latency(
-                    onnx_format.runner(original_onnx, "onnxruntime", job.timing_threads), inputs, ev.batch_sizes,
+                stats["latency_ms"][rt] = metrics.latency(
+                    onnx_format.runner(original_onnx, rt, job.timing_threads), inputs, ev.batch_sizes,
                     ev.warmup, ev.repeats, onnx_format.fixed_batch(original_onnx), job.notes,
-                    "original (fp32 ONNX export) on onnxruntime")
+                    f"original (fp32 ONNX export) on {rt}")
         layers_before = metrics.layer_sparsity(model)
         torch.set_num_threads(job.threads)  # a torch runner set the timing threads; the steps get them all
     return Original(data=data, inputs=inputs, labels=labels, examples=examples, stats=stats, reference=reference,
@@ -105,14 +107,15 @@ def _runtimes(job: JobContext) -> tuple[list[str], list[str], list[str], set[str
     return original_runtimes, wanted, runnable_outputs, set(result_format.runtimes)
 
 
-def _as_onnx(job: JobContext, model: LoadedModel, examples) -> LoadedModel | None:
-    """The original exported to fp32 ONNX and loaded (for timing on onnxruntime), or None with a note."""
+def _as_onnx(job: JobContext, model: LoadedModel, examples, runtimes: list[str]) -> LoadedModel | None:
+    """The original exported to fp32 ONNX and loaded (for timing on the ONNX `runtimes`), or None with a note."""
     path = job.work / "original-fp32.onnx"
+    where = " and ".join(runtimes)
     try:
         job.fmt.export(model, "onnx", path, examples)
         loaded = get_format("onnx").load(path, job.work)
     except Exception as exc:  # noqa: BLE001  (a missing baseline must not fail the job)
-        job.notes.append(f"original on onnxruntime: not measured, its ONNX export failed ({type(exc).__name__})")
+        job.notes.append(f"original on {where}: not measured, its ONNX export failed ({type(exc).__name__})")
         return None
-    job.notes.append("original on onnxruntime: timed as its fp32 ONNX export")
+    job.notes.append(f"original on {where}: timed as its fp32 ONNX export")
     return loaded

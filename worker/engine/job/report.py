@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+from app.recipes import RUNTIMES_BY_FORMAT
 from app.report_schema import REPORT_SCHEMA_VERSION, Report
 from app.reports import check_guard
 from worker.engine import metrics
@@ -36,8 +37,8 @@ def layer_table(original: Original, result: Result, steps: list[dict]) -> list[d
 
 def result_metrics(original: Original, result: Result, layers: list[dict], steps: list[dict],
                    outputs: list[str]) -> dict[str, Any]:
-    """The measured figures; `ratios.size` is the best output's (named by `size_ratio_output`), and each flag
-    has its one-line reason in `flag_reasons`."""
+    """The measured figures; `ratios.size` is the best output's (named by `size_ratio_output`), each flag has its
+    one-line reason in `flag_reasons`, and `recommendation` the fastest runtime and format per batch size."""
     before, after = original.stats, result.stats
     out = {"original": before, "compressed": after, "ratios": metrics.ratios(before, after), "layers": layers}
     if result.compact is not None:
@@ -48,8 +49,34 @@ def result_metrics(original: Original, result: Result, layers: list[dict], steps
     out["size_ratio_output"] = best
     if result.llm is not None:
         out["llm"] = result.llm
+    if recommended := recommendation(before, after, outputs):
+        out["recommendation"] = recommended
     reasons = flag_reasons(out, steps, outputs)
     out["flags"], out["flag_reasons"] = list(reasons), reasons
+    return out
+
+
+def recommendation(original: dict[str, Any], result: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+    """Per batch size timed: the fastest of every model, runtime and format measured (the result's outputs and the
+    original, read from their `latency_ms` medians), and as `runner_up` the fastest on another runtime or format
+    (None when nothing else ran). A tie goes to the result."""
+    in_format = original["format"]
+    sides = (("result", result, [o for o in outputs if RUNTIMES_BY_FORMAT.get(o)]),
+             ("original", original, [in_format, "onnx"]))  # the original on an ONNX runtime: its fp32 export
+    by_batch: dict[str, list[dict[str, Any]]] = {}
+    for model, side, formats in sides:
+        for rt, timings in (side.get("latency_ms") or {}).items():
+            fmt = next((f for f in formats if rt in RUNTIMES_BY_FORMAT.get(f, ())), side["format"])
+            for batch, timing in timings.items():
+                by_batch.setdefault(batch, []).append({"runtime": rt, "format": fmt, "model": model,
+                                                       "latency_ms": timing["median"]})
+    out = {}
+    for batch in sorted(by_batch, key=int):
+        ranked = sorted(by_batch[batch], key=lambda c: c["latency_ms"])
+        best = ranked[0]
+        runner_up = next((c for c in ranked if (c["runtime"], c["format"]) != (best["runtime"], best["format"])),
+                         None)
+        out[batch] = {**best, "runner_up": runner_up}
     return out
 
 

@@ -144,7 +144,7 @@ def test_team_limits_route_refuses_bad_requests(api):
     ({"batch_sizes": list(range(1, 10))}, {}, None, "recipe.evaluate.batch_sizes"),
     ({"batch_sizes": [1, 2048]}, {}, None, "recipe.evaluate.batch_sizes[1]"),
     ({"repeats": 201}, {}, None, "recipe.evaluate.repeats"),
-    ({"runtimes": ["onnxruntime"] * 4}, {}, None, "recipe.evaluate.runtimes"),
+    ({"runtimes": ["onnxruntime"] * 5}, {}, None, "recipe.evaluate.runtimes"),  # one more than there are runtimes
     ({}, {"targets": ["fc*"] * 257}, None, "recipe.steps[0].targets"),
     ({}, {"ignore": ["x" * 201]}, None, "recipe.steps[0].ignore[0]"),
     ({}, {}, ["onnx"] * 8, "recipe.outputs"),  # one more than there are output formats
