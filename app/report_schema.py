@@ -101,7 +101,7 @@ class Recommended(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     runtime: str = Field(..., min_length=1)
-    format: str = Field(..., min_length=1)  # the artifact to deploy (the original's fp32 ONNX export for "original")
+    format: str = Field(..., min_length=1)  # the format that ran ("onnx" for the original's fp32 ONNX export)
     model: Literal["result", "original"]
     latency_ms: Number = Field(..., ge=0)  # the median at this batch size
 

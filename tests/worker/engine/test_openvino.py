@@ -98,6 +98,30 @@ def test_openvino_missing_fails_the_job_at_once_with_runtime_unavailable(zoo, tm
     assert not any(m.get("stage") in ("load", "steps") for m in lines if m["type"] == "progress")  # before any work
 
 
+def test_openvino_compiles_and_runs_inside_the_real_sandbox(tmp_path):
+    """Under bubblewrap, a read-only root, its own uid and the test stack's rlimits (64 processes): OpenVINO finds
+    its CPU plugin and the CPU's topology, and its thread pool fits."""
+    from tests.worker.test_isolation import LIMITS, run_py
+    from worker.jobdir import prepare_jobdir
+
+    jobdir = tmp_path / "job"
+    prepare_jobdir(jobdir, LIMITS)
+    proc, out, err = run_py("""
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+        weight = numpy_helper.from_array(np.ones((64, 10), np.float32), "W")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        from worker.engine.formats._openvino import onnx_runner
+        run = onnx_runner(model.SerializeToString(), 2)
+        print(float(run([np.ones((3, 64), np.float32)]).sum()), float(run([np.ones((1, 64), np.float32)]).sum()))
+        """, jobdir)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split() == ["1920.0", "640.0"]
+
+
 def test_openvino_runs_only_what_an_onnx_model_or_output_gives():
     recipe = parse_recipe({"steps": PRUNE, "outputs": ["pt2"], "evaluate": {"runtimes": ["torch", "openvino"]}})
     with pytest.raises(RecipeError) as err:
