@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     # Screening an upload runs in a child process killed past this many seconds: the upload is refused (422
     # screening_timeout) and nothing is stored. Legitimate files take far less (a 512 MiB .npz: 0.4 s).
     screening_timeout_s: float = Field(60.0, gt=0)
+    # The screening child's private memory (RLIMIT_DATA: heap and anonymous mappings; the upload it maps read-only
+    # does not count): past it the upload gets 413 screening_memory. The largest legitimate need is a 64 MiB JSON
+    # (a config or a .pt2 payload) parsed to Python objects.
+    screening_memory_bytes: int = Field(1 * GiB, gt=0)
+    # Uploads one API process screens at once; more wait their turn (their time budget starts when they run), so
+    # that a burst of uploads cannot take every core and the memory of the host.
+    screening_concurrency: int = Field(4, gt=0)
 
     job_timeout_s: float = Field(3600.0, gt=0)
     # The sandbox's address-space limit (RLIMIT_AS) scales with the job's models (the model file plus any teachers):

@@ -44,7 +44,9 @@ async def store_upload(db: Session, store: BlobStore, settings: Settings, princi
         # In a child process with a time budget: never on the thread pool that serves the synchronous routes.
         sniffed = await screening.screen(KIND_BY_ROW[row_type], received.path,
                                          max_unpacked_bytes=settings.max_unpacked_bytes,
-                                         max_entries=settings.max_zip_entries, timeout_s=settings.screening_timeout_s)
+                                         max_entries=settings.max_zip_entries, timeout_s=settings.screening_timeout_s,
+                                         memory_bytes=settings.screening_memory_bytes,
+                                         concurrency=settings.screening_concurrency)
     except screening.ScreeningError as exc:
         received.path.unlink(missing_ok=True)
         raise APIError(exc.status, exc.code, exc.message, exc.details) from None

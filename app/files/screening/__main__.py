@@ -1,4 +1,4 @@
-"""`python -m app.files.screening KIND PATH MAX_UNPACKED_BYTES MAX_ENTRIES CPU_S`: the screening child
+"""`python -m app.files.screening KIND PATH MAX_UNPACKED_BYTES MAX_ENTRIES CPU_S MEMORY_BYTES`: the screening child
 (app/files/screening/child.py)."""
 
 import sys

@@ -129,3 +129,61 @@ def test_api_answers_while_uploads_are_screened(stack_factory):
     assert max(elapsed for *_, elapsed in results) < 15, results
     assert psutil.Process(stack.api_proc.pid).children(recursive=True) == []
     assert_nothing_stored(stack.admin, stack.data_dir)
+
+
+def pt2_with_big_program(path: Path, numbers: int) -> Path:
+    """A .pt2 whose program JSON (models/model.json, which screening parses for the input shapes) is replaced by a
+    list of `numbers` zeros: 2 bytes each on disk, 8 each as a parsed Python list (plus the text and bytes read)."""
+    import torch
+
+    from tests.app.files.test_screening import rezip
+
+    program = torch.export.export(torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),))
+    torch.export.save(program, path)
+    big = b'{"padding": [' + b"0," * (numbers - 1) + b"0]}"
+    path.write_bytes(rezip(path, replace={"models/model.json": big}))
+    return path
+
+
+def test_screening_past_its_memory_limit_is_refused(api, monkeypatch, tmp_path):
+    """A .pt2 whose 50 MB program JSON takes about 200 MB to parse: past a 128 MiB limit the child stops with a
+    MemoryError and the upload gets 413 screening_memory, nothing stored; under the default limit it is stored."""
+    from app.core.config import get_settings
+
+    body = pt2_with_big_program(tmp_path / "big.pt2", 25_000_000).read_bytes()
+    monkeypatch.setattr(get_settings(), "screening_memory_bytes", 128 * 2**20)
+    r = upload_model(api, body, name="big.pt2")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "screening_memory", r.text
+    assert "SQUEEZE_SCREENING_MEMORY_BYTES" in r.json()["error"]["message"]
+    assert_nothing_stored(api, get_settings().data_dir)
+    monkeypatch.setattr(get_settings(), "screening_memory_bytes", 2**30)
+    assert upload_model(api, body, name="big.pt2").status_code == 201
+
+
+def test_screenings_wait_for_a_free_slot(stack_factory):
+    """A live server screening one upload at a time (SQUEEZE_SCREENING_CONCURRENCY=1): two slow uploads sent at
+    once never run two screening children together, and the second is screened (with its own full budget) once
+    the first is done."""
+    import psutil
+
+    stack = stack_factory("sqlite", SQUEEZE_SCREENING_TIMEOUT_S="2", SQUEEZE_SCREENING_CONCURRENCY="1")
+    stack.start_api()
+    body, results = slow_onnx(10_000_000), []  # 20 MB, 10 s or more to screen
+
+    def upload() -> None:
+        start = time.monotonic()
+        r = stack.admin.post("/v1/models", params={"name": "slow.onnx"}, content=body)
+        results.append((r.status_code, r.json()["error"]["code"], time.monotonic() - start))
+
+    uploads = [threading.Thread(target=upload) for _ in range(2)]
+    for t in uploads:
+        t.start()
+    api = psutil.Process(stack.api_proc.pid)
+    most = 0
+    while any(t.is_alive() for t in uploads):
+        most = max(most, len(api.children(recursive=True)))
+        time.sleep(0.02)
+    assert most == 1, f"{most} screening children ran at once"
+    assert [(status, code) for status, code, _ in results] == [(422, "screening_timeout")] * 2
+    first, second = sorted(elapsed for *_, elapsed in results)
+    assert second >= first + 1.5, results  # the second waited for the first's slot, then had its own 2 s
